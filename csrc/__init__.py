@@ -1,0 +1,1 @@
+"""CUDA C++ kernels for what Triton does badly, built on demand with torch's extension loader."""

@@ -1,0 +1,1 @@
+"""Evaluation: LLaVA benchmark runners and scorers (`python -m eval.model_vqa ...`)."""

@@ -1,0 +1,1 @@
+"""The LLaVA model: vision tower, projector, language model, and checkpoint loading."""

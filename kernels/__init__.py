@@ -1,0 +1,9 @@
+"""Triton kernels, one op per file, each with its plain-torch reference `<op>_ref`.
+
+Import as `fastllava.kernels` (installed under the fastllava namespace; see setup.py). Triton itself is imported
+lazily inside each op file, so importing this package is cheap and works without triton.
+"""
+
+from fastllava.kernels.dispatch import get_kernels, set_kernels, use_triton
+
+__all__ = ["get_kernels", "set_kernels", "use_triton"]

@@ -1,0 +1,1 @@
+"""Serving: controller, model workers, OpenAI-compatible API, Gradio web UI, CLI (`python -m serve.cli`)."""

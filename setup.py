@@ -1,0 +1,63 @@
+"""fastllava: LLaVA rebuilt for speed.
+
+Packaging note: the repository keeps `kernels/`, `csrc/`, `serve/`, `train/` and `eval/` at its top level,
+but they are installed *inside* the `fastllava` namespace (`fastllava.kernels`, `fastllava.serve`, ...), so
+installing fastllava never shadows HuggingFace's own `kernels` distribution or any other generic `serve` /
+`train` / `eval` module. From a checkout, `fastllava/__init__.py` makes the same names resolve, so
+`python -m serve.controller` and `torchrun train/train.py` keep working there.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ("kernels", "csrc", "serve", "train", "eval")
+
+extras = {
+    "train": ["deepspeed", "liger-kernel", "tensorboard", "matplotlib"],
+    "serve": ["fastapi", "uvicorn", "gradio", "httpx", "openai", "prometheus-client"],
+    "quant": ["bitsandbytes"],
+    "flash": ["flash-attn"],
+    "xformers": ["xformers"],
+    "eval": ["openai", "matplotlib"],
+    "dev": [
+        "pytest",
+        "pytest-benchmark",
+        "pytest-timeout",
+        "ruff",
+        "import-linter",
+        "matplotlib",
+        "bitsandbytes",
+        "liger-kernel",
+    ],
+}
+extras["all"] = sorted({d for k, v in extras.items() if k not in ("flash", "xformers") for d in v})
+
+setup(
+    name="fastllava",
+    version="0.1.0",
+    description="LLaVA rebuilt for speed: packed training, Triton kernels, continuous-batching serving",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastllava", "fastllava.model"] + [f"fastllava.{p}" for p in SUBPACKAGES],
+    package_dir={"fastllava": "fastllava", **{f"fastllava.{p}": p for p in SUBPACKAGES}},
+    package_data={"fastllava.csrc": ["*.cu", "*.cpp", "*.h"], "fastllava": ["assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=4.45",
+        "safetensors",
+        "tokenizers",
+        "pillow",
+        "numpy",
+        "tqdm",
+        "peft",
+        "accelerate",
+    ],
+    extras_require=extras,
+    entry_points={
+        "console_scripts": [
+            "fastllava=fastllava.__main__:main",
+            "fastllava-cli=fastllava.serve.cli:main",
+        ]
+    },
+)

@@ -1,0 +1,1 @@
+"""Training: `torchrun train/train.py --packing ...`."""

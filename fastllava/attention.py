@@ -26,7 +26,7 @@ import torch.nn.functional as F
 @dataclass
 class Backend:
     name: str
-    fn: Callable  # fn(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window) -> out
+    fn: Callable  # fn(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, cu_seqlens_k, max_seqlen_k)
     available: Callable[[torch.device | None], bool]
     install_hint: str  # what to install when unavailable
     priority: int = 0  # higher wins under "auto"
@@ -87,14 +87,24 @@ def varlen_attention(
     softmax_scale: float | None = None,
     backend: str | None = "auto",
     window: int | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    """Attention within each packed sequence. ``window``: Mistral's sliding window (keys i-window < j <= i)."""
+    """Attention within each packed sequence.
+
+    ``window``: Mistral's sliding window (query at position i sees keys i-window < j <= i).
+    ``cu_seqlens_k``: keys packed with their own lengths (a cached prefix followed by the new tokens, for
+    chunked prefill); causal masking is then aligned bottom-right, as flash-attn does: query i of a sequence
+    with Lq queries and Lk keys sees keys j <= i + Lk - Lq.
+    """
     name = resolve_backend(backend, q.device)
     b = _BACKENDS[name]
     if window is not None and not b.supports_window:
         raise ValueError(f"attention backend {name!r} does not support a sliding window; use 'sdpa'")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return b.fn(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    return b.fn(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, cu_seqlens_k, max_seqlen_k)
 
 
 # --------------------------------------------------------------------------------------------- sdpa
@@ -107,14 +117,25 @@ def sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def varlen_mask(
-    cu_seqlens: torch.Tensor, total: int, causal: bool, window: int | None = None
+    cu_seqlens: torch.Tensor,
+    total: int,
+    causal: bool,
+    window: int | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    total_k: int | None = None,
 ) -> torch.Tensor:
-    """[T, T] boolean mask, True where query i may attend key j."""
-    seq = sequence_ids(cu_seqlens, total)
-    mask = seq[:, None] == seq[None, :]
+    """[Tq, Tk] boolean mask, True where query i may attend key j (bottom-right aligned causal)."""
+    if cu_seqlens_k is None:
+        cu_seqlens_k, total_k = cu_seqlens, total
+    seq_q = sequence_ids(cu_seqlens, total)
+    seq_k = sequence_ids(cu_seqlens_k, total_k)
+    mask = seq_q[:, None] == seq_k[None, :]
     if causal or window is not None:
-        idx = torch.arange(total, device=cu_seqlens.device)
-        diff = idx[:, None] - idx[None, :]  # i - j
+        # position of each query counted from the end of its sequence's keys
+        q_local = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[seq_q]
+        q_pos = q_local + (cu_seqlens_k[seq_q + 1] - cu_seqlens_k[seq_q]) - (cu_seqlens[seq_q + 1] - cu_seqlens[seq_q])
+        k_pos = torch.arange(total_k, device=cu_seqlens.device) - cu_seqlens_k[seq_k]
+        diff = q_pos[:, None] - k_pos[None, :]  # i - j in absolute positions
         if causal:
             mask &= diff >= 0
         if window is not None:
@@ -122,12 +143,12 @@ def varlen_mask(
     return mask
 
 
-def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
+def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
     T, Hq, _ = q.shape
-    mask = varlen_mask(cu_seqlens, T, causal, window)
+    mask = varlen_mask(cu_seqlens, T, causal, window, cu_seqlens_k, k.shape[0])
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),  # (1, Hq, T, D)
-        k.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),  # (1, Hk, Tk, D)
         v.transpose(0, 1).unsqueeze(0),
         attn_mask=mask,
         scale=scale,

@@ -55,7 +55,8 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Names of the backends usable here (for ``device`` if given), best first."""
     dev = torch.device(device) if device is not None else None
     names = [
-        b for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+        b
+        for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)
         if (dev is None or dev.type in b.devices) and b.available(dev)
     ]
     return [b.name for b in names]
@@ -66,8 +67,9 @@ def resolve_backend(name: str | None, device: torch.device | str | None = None) 
     if name in (None, "auto"):
         return available_backends(device)[0]
     # accept transformers' spellings so `attn_implementation="flash_attention_2"` keeps working
-    name = {"flash_attention_2": "flash", "flash_attention_3": "flash", "eager": "sdpa",
-            "flex_attention": "flex"}.get(name, name)
+    name = {"flash_attention_2": "flash", "flash_attention_3": "flash", "eager": "sdpa", "flex_attention": "flex"}.get(
+        name, name
+    )
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
     backend = _BACKENDS[name]
@@ -157,9 +159,7 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_
     return out.squeeze(0).transpose(0, 1)  # (T, Hq, D)
 
 
-register_backend(
-    "sdpa", sdpa_varlen, install_hint="always available", priority=0, supports_window=True
-)
+register_backend("sdpa", sdpa_varlen, install_hint="always available", priority=0, supports_window=True)
 
 
 # ---------------------------------------------------------------------------------- paged decode

@@ -5,5 +5,6 @@ lazily inside each op file, so importing this package is cheap and works without
 """
 
 from fastllava.kernels.dispatch import get_kernels, set_kernels, use_triton
+from fastllava.kernels.rms_norm import rms_norm, rms_norm_ref
 
-__all__ = ["get_kernels", "set_kernels", "use_triton"]
+__all__ = ["get_kernels", "set_kernels", "use_triton", "rms_norm", "rms_norm_ref"]

@@ -1,0 +1,141 @@
+"""Fused RMSNorm (kernels/rms_norm.py): Triton vs the torch reference vs float64, forward and every gradient.
+
+CPU runs the kernel through the Triton interpreter. TRITON_INTERPRET must be set before triton is first imported
+in the process, so it is set here at the top; CI runs `TRITON_INTERPRET=1 pytest tests` so that the order in which
+pytest imports test modules does not matter.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastllava.kernels import rms_norm, rms_norm_ref, set_kernels  # noqa: E402
+from fastllava.kernels.dispatch import HAS_TRITON, triton_interpreting  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    not HAS_TRITON or not (CUDA or triton_interpreting()),
+    reason="needs triton and a GPU, or TRITON_INTERPRET=1 set before triton was imported",
+)
+DEVICE = "cuda" if CUDA else "cpu"
+
+# Triton vs the reference in the same dtype (bf16 is checked against float64 only; see `assert_matches`).
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-2, rtol=1e-2)}
+SHAPES = [(9, 341), (3, 4095), (1, 64), (2, 3, 48)]
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Force the Triton path, and fill every `torch.empty` output with NaN so an unwritten element fails."""
+    previous = set_kernels("triton")
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    yield
+    set_kernels(previous)
+
+
+def assert_matches(out, ref, exact, name):
+    """``out`` (Triton) agrees with ``ref`` (torch, same dtype) and is no worse than 2x ``ref``'s error vs float64."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape, name
+    assert torch.isfinite(out).all(), f"{name}: non-finite (unwritten?) elements"
+    if out.dtype in TOL:
+        torch.testing.assert_close(out, ref, **TOL[out.dtype], msg=lambda m: f"{name}: {m}")
+    exact = exact.double()
+    err = (out.double() - exact).abs().max()
+    ref_err = (ref.double() - exact).abs().max()
+    floor = torch.finfo(out.dtype).eps * exact.abs().max().clamp_min(1.0)
+    assert err <= 2 * ref_err + floor, f"{name}: error vs float64 {err:.3g} > 2 x torch's {ref_err:.3g}"
+
+
+def rms_norm_f64(x, weight, eps, residual):
+    """Independent oracle: the textbook formula in float64 (no intermediate casts)."""
+    h = x.double() + residual.double() if residual is not None else x.double()
+    y = weight.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (y, h) if residual is not None else y
+
+
+def run_case(shape, dtype, with_residual, eps=1e-6):
+    torch.manual_seed(0)
+    n = shape[-1]
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    weight = (1 + 0.1 * torch.randn(n, device=DEVICE)).to(dtype)
+    residual = torch.randn(shape, device=DEVICE, dtype=dtype) if with_residual else None
+    dy = torch.randn(shape, device=DEVICE, dtype=dtype)
+    dh = torch.randn(shape, device=DEVICE, dtype=dtype) if with_residual else None
+
+    results = {}
+    for name, fn in (("triton", rms_norm), ("torch", rms_norm_ref), ("f64", rms_norm_f64)):
+        cast = torch.float64 if name == "f64" else dtype
+        leaves = [t.detach().to(cast).requires_grad_() for t in (x, weight)]
+        res = residual.detach().to(cast).requires_grad_() if with_residual else None
+        out = fn(leaves[0], leaves[1], eps, res)
+        outs = out if with_residual else (out,)
+        grads_out = (dy, dh) if with_residual else (dy,)
+        torch.autograd.backward(outs, [g.to(cast) for g in grads_out])
+        grads = [leaves[0].grad, leaves[1].grad] + ([res.grad] if with_residual else [])
+        results[name] = (list(outs), grads)
+
+    names = ["y", "h"][: len(results["triton"][0])]
+    for i, name in enumerate(names):
+        assert_matches(results["triton"][0][i], results["torch"][0][i], results["f64"][0][i], name)
+    for i, name in enumerate(["dx", "dweight", "dresidual"][: len(results["triton"][1])]):
+        assert_matches(results["triton"][1][i], results["torch"][1][i], results["f64"][1][i], name)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_rms_norm(triton_kernels, shape, dtype, with_residual):
+    run_case(shape, dtype, with_residual)
+
+
+def test_rms_norm_matches_transformers(triton_kernels):
+    """Bit-level agreement in fp32 with LlamaRMSNorm, the module the reference claims to match."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(1)
+    module = LlamaRMSNorm(341, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        module.weight.normal_()
+    x = torch.randn(9, 341, device=DEVICE)
+    expected = module(x)
+    torch.testing.assert_close(rms_norm_ref(x, module.weight, 1e-5), expected, atol=0, rtol=0)
+    torch.testing.assert_close(rms_norm(x, module.weight, 1e-5), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_rms_norm_mixed_weight_dtype(triton_kernels):
+    """fp32 weight with fp16 activations: output stays in the activation dtype, like the reference."""
+    torch.manual_seed(2)
+    x = torch.randn(5, 96, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(96, device=DEVICE)
+    out = rms_norm(x, w)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, rms_norm_ref(x, w), **TOL[torch.float16])
+
+
+def test_rms_norm_dispatch_uses_reference_when_forced_to_torch():
+    previous = set_kernels("torch")
+    try:
+        x = torch.randn(3, 16)
+        w = torch.randn(16)
+        assert torch.equal(rms_norm(x, w), rms_norm_ref(x, w))
+    finally:
+        set_kernels(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape", [(9, 341), (37, 4095), (2, 128, 4096)], ids=lambda s: "x".join(map(str, s)))
+def test_rms_norm_bf16_gpu(triton_kernels, shape, with_residual):
+    run_case(shape, torch.bfloat16, with_residual)

@@ -6,5 +6,16 @@ lazily inside each op file, so importing this package is cheap and works without
 
 from fastllava.kernels.dispatch import get_kernels, set_kernels, use_triton
 from fastllava.kernels.rms_norm import rms_norm, rms_norm_ref
+from fastllava.kernels.rotary import apply_rotary, apply_rotary_, apply_rotary_ref, rotary_cos_sin
 
-__all__ = ["get_kernels", "set_kernels", "use_triton", "rms_norm", "rms_norm_ref"]
+__all__ = [
+    "get_kernels",
+    "set_kernels",
+    "use_triton",
+    "rms_norm",
+    "rms_norm_ref",
+    "apply_rotary",
+    "apply_rotary_",
+    "apply_rotary_ref",
+    "rotary_cos_sin",
+]

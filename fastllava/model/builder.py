@@ -1,0 +1,220 @@
+"""``load_pretrained_model``: LLaVA's loader, for llava-hf and original LLaVA checkpoints, fully offline.
+
+    tokenizer, model, image_processor, context_len = load_pretrained_model(
+        "path/to/llava-v1.5-7b", model_base=None, device="cuda", load_4bit=False)
+
+What is loaded, by what the folder holds:
+  * ``config.json`` with ``model_type`` llava / llava_next: a llava-hf checkpoint (either key layout);
+  * ``model_type`` llava_llama / llava_mistral / ...: an original LLaVA checkpoint; its vision tower comes from
+    ``mm_vision_tower`` (a local folder); with ``model_base``, either a projector-only checkpoint
+    (``mm_projector.safetensors``) or a LoRA checkpoint (``adapter_config.json`` + ``non_lora_trainables``),
+    merged through peft.
+Weights are safetensors; pickled ``.bin`` files load only with ``allow_pickle=True`` (then
+``weights_only=True``). Nothing reaches a model hub: every path must be a local folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from fastllava.config import LlavaConfig, _vision_from_dict, load_json
+from fastllava.image_processing import ImageProcessor
+from fastllava.model import checkpoint as ckpt
+from fastllava.model.llava import LlavaModel
+
+log = logging.getLogger(__name__)
+
+HF_TYPES = ("llava", "llava_next")
+
+
+def _local_dir(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ckpt.CheckpointError(
+            f"{what} {str(path)!r} is not a local folder; fastllava never downloads from a model hub — "
+            "download the checkpoint first (e.g. `huggingface-cli download ... --local-dir DIR`) and pass DIR"
+        )
+    return p
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+
+
+def _default_dtype(device: str, dtype: torch.dtype | str | None) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is not None:
+        return dtype
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def build_model(config: LlavaConfig, state: dict[str, torch.Tensor], device, dtype) -> LlavaModel:
+    """Instantiate on the meta device and assign the weights (no random init of a 7B model)."""
+    with torch.device("meta"):
+        model = LlavaModel(config)
+    expected = model.state_dict()
+    tied = config.text.tie_word_embeddings
+    if tied:
+        state.pop("language_model.lm_head.weight", None)
+    missing = [k for k in expected if k not in state and not (tied and k == "language_model.lm_head.weight")]
+    # post_layernorm is never used by LLaVA; checkpoints that drop it are fine
+    missing_needed = [k for k in missing if "post_layernorm" not in k]
+    if missing_needed:
+        shown = ", ".join(missing_needed[:8]) + (" ..." if len(missing_needed) > 8 else "")
+        raise ckpt.CheckpointError(f"checkpoint is missing {len(missing_needed)} weight(s): {shown}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        log.warning("ignoring %d unexpected weight(s), e.g. %s", len(unexpected), unexpected[:4])
+    for k in missing:
+        if k != "language_model.lm_head.weight":
+            state[k] = torch.ones(expected[k].shape) if k.endswith("weight") else torch.zeros(expected[k].shape)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k in expected}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.language_model.lm_head.weight = model.language_model.embed_tokens.weight
+    return model.to(device)
+
+
+def _load_hf(path: Path, allow_pickle):
+    config = LlavaConfig.from_hf_dict(load_json(path / "config.json"))
+    state = ckpt.remap(ckpt.read_weights(ckpt.weight_files(path, allow_pickle), allow_pickle), ckpt.hf_to_fastllava)
+    processor = ImageProcessor.from_pretrained(path, convention="hf")
+    return config, state, processor, _load_tokenizer(path)
+
+
+def _vision_tower(cfg: dict, model_path: Path, allow_pickle) -> tuple[Path, dict]:
+    name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
+    if not name:
+        raise ckpt.CheckpointError(f"{model_path}/config.json names no mm_vision_tower")
+    for candidate in (Path(name).expanduser(), model_path / name, model_path / "vision_tower"):
+        if candidate.is_dir():
+            return candidate, load_json(candidate / "config.json")
+    raise ckpt.CheckpointError(
+        f"vision tower {name!r} (mm_vision_tower) is not a local folder; download it and point "
+        "mm_vision_tower in config.json at it"
+    )
+
+
+def _load_llava(model_path: Path, model_base: Path | None, allow_pickle):
+    cfg = load_json(model_path / "config.json")
+    tower_dir, tower_cfg = _vision_tower(cfg, model_path, allow_pickle)
+    vcfg = tower_cfg.get("vision_config", tower_cfg)  # a full CLIPModel folder nests it
+    config = LlavaConfig.from_llava_dict(cfg, _vision_from_dict(vcfg))
+    is_lora = (model_path / "adapter_config.json").is_file()
+    if model_base is None:
+        state = ckpt.remap(
+            ckpt.read_weights(ckpt.weight_files(model_path, allow_pickle), allow_pickle), ckpt.llava_to_fastllava
+        )
+        tokenizer_dir = model_path
+    else:
+        state = ckpt.remap(
+            ckpt.read_weights(ckpt.weight_files(model_base, allow_pickle), allow_pickle), ckpt.llava_to_fastllava
+        )
+        extra_stem = "non_lora_trainables" if is_lora else "mm_projector"
+        extra = ckpt.read_optional(model_path, extra_stem, allow_pickle)
+        if extra is None:
+            raise ckpt.CheckpointError(f"{model_path} has no {extra_stem}.safetensors (or .bin) to put on the base")
+        # LoRA runs save keys as base_model.model.model.X
+        extra = {k.removeprefix("base_model.model."): v for k, v in extra.items()}
+        state.update(ckpt.remap(extra, ckpt.llava_to_fastllava))
+        tokenizer_dir = model_path if (model_path / "tokenizer_config.json").is_file() else model_base
+    if not any(k.startswith("vision_tower.") for k in state):
+        tower = ckpt.read_weights(ckpt.weight_files(tower_dir, allow_pickle), allow_pickle)
+        state.update(ckpt.remap(tower, ckpt.vision_to_fastllava))
+    processor = ImageProcessor.from_pretrained(tower_dir, convention="llava")
+    return config, state, processor, _load_tokenizer(tokenizer_dir), (model_path if is_lora else None)
+
+
+def merge_lora(model: LlavaModel, adapter_dir: Path) -> LlavaModel:
+    """Merge a peft LoRA adapter (original LLaVA key names) into the language model through peft."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    cfg = load_json(adapter_dir / "adapter_config.json")
+    adapter = ckpt.read_optional(adapter_dir, "adapter_model", None)
+    if adapter is None:
+        raise ckpt.CheckpointError(f"{adapter_dir} has no adapter_model.safetensors")
+    renamed = {}
+    for k, v in adapter.items():
+        base = k.removeprefix("base_model.model.")
+        stem, _, tail = base.partition(".lora_")
+        new = ckpt.llava_to_fastllava(stem + ".weight")
+        if new is not None:
+            renamed[new.removesuffix(".weight") + ".lora_" + tail] = v
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in renamed})
+    lora_cfg = LoraConfig(
+        r=cfg["r"],
+        lora_alpha=cfg["lora_alpha"],
+        target_modules=targets,
+        use_rslora=cfg.get("use_rslora", False),
+        lora_dropout=0.0,
+    )
+    inject_adapter_in_model(lora_cfg, model.language_model)
+    set_peft_model_state_dict(model.language_model, {k.removeprefix("language_model."): v for k, v in renamed.items()})
+    for name, module in list(model.language_model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.language_model.get_submodule(parent_name) if parent_name else model.language_model
+            setattr(parent, child, module.get_base_layer())
+    return model
+
+
+def load_pretrained_model(
+    model_path: str | os.PathLike,
+    model_base: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: str | None = "auto",
+    device: str = "cuda",
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    allow_pickle: bool | None = None,
+    **kwargs,
+):
+    """Load a LLaVA checkpoint: returns ``(tokenizer, model, image_processor, context_len)``.
+
+    ``device_map`` is accepted for LLaVA compatibility; the model is placed whole on ``device``.
+    ``load_4bit`` quantizes the language model's linears to NF4 (not the vision tower or projector, as
+    LLaVA does); ``load_8bit`` uses bitsandbytes' int8 linears.
+    """
+    if kwargs.get("use_flash_attn"):
+        attn_implementation = attn_implementation or "flash"
+    if kwargs.get("torch_dtype") is not None and dtype is None:
+        dtype = kwargs["torch_dtype"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA device is available; pass device='cpu'")
+    path = _local_dir(model_path, "model_path")
+    base = _local_dir(model_base, "model_base") if model_base is not None else None
+    if not (path / "config.json").is_file():
+        raise ckpt.CheckpointError(f"{path} has no config.json")
+    model_type = load_json(path / "config.json").get("model_type", "")
+    adapter_dir = None
+    if model_type in HF_TYPES:
+        config, state, processor, tokenizer = _load_hf(path, allow_pickle)
+    else:
+        config, state, processor, tokenizer, adapter_dir = _load_llava(path, base, allow_pickle)
+    torch_dtype = _default_dtype(device, dtype)
+    model = build_model(config, state, device, torch_dtype)
+    if adapter_dir is not None:
+        model = merge_lora(model, adapter_dir)
+    if load_4bit or load_8bit:
+        from fastllava.quantization import quantize_model_, quantize_model_8bit_
+
+        skip = ("vision_tower", "multi_modal_projector", "lm_head")
+        if load_4bit:
+            quantize_model_(model, skip_modules=skip)
+        else:
+            quantize_model_8bit_(model, skip_modules=skip)
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    context_len = config.text.max_position_embeddings
+    return tokenizer, model, processor, context_len

@@ -1,0 +1,231 @@
+"""The LLaVA model: vision tower -> projector -> language model, over packed batches.
+
+``forward_packed(batch)`` is the real forward (training, serving prefill and eval all use it):
+  1. all image tiles of the batch go through the vision tower at once, then the projector;
+  2. a gather lays each image's features out as LLaVA does (anyres grid, unpad, newlines);
+  3. one varlen scatter writes them into the embedding stream at their slots;
+  4. the language model runs on the flat stream with varlen attention.
+
+``forward(input_ids, attention_mask, images, image_sizes, labels)`` and ``generate(...)`` are the LLaVA-style
+padded API: thin adapters that pack, run and unpack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastllava.config import LlavaConfig
+from fastllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from fastllava.kernels import scatter_image_tokens
+from fastllava.model.language import AttnMetadata, KVCache, LanguageModel
+from fastllava.model.projector import Projector
+from fastllava.model.vision import VisionTower
+from fastllava.packing import ImageInput, PackedBatch, image_token_count, pack, shifted_targets
+
+
+@dataclass
+class LlavaOutput:
+    logits: torch.Tensor | None = None  # (B, L, V) padded API; (T, V) or (B, V) packed
+    loss: torch.Tensor | None = None
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, config: LlavaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config.vision)
+        in_dim = config.vision.hidden_size * (
+            len(config.vision_feature_layer) if isinstance(config.vision_feature_layer, list) else 1
+        )
+        self.multi_modal_projector = Projector(
+            config.projector_type, in_dim, config.text.hidden_size, config.projector_bias
+        )
+        if config.use_image_newline:
+            self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
+        self.language_model = LanguageModel(config.text)
+        self.attn_implementation = "auto"
+
+    # ----------------------------------------------------------------------------------- setup
+
+    def set_attn_implementation(self, name: str | None) -> None:
+        """Select the attention backend (``fastllava.attention`` registry name, or ``auto``) everywhere."""
+        name = name or "auto"
+        self.attn_implementation = name
+        self.vision_tower.set_attn_implementation(name)
+        self.language_model.set_attn_implementation(name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    # ------------------------------------------------------------------------------ the forward
+
+    def encode_images(self, pixel_values: torch.Tensor, feature_index: torch.Tensor | None) -> torch.Tensor:
+        """Tiles ``[N, 3, h, w]`` -> image tokens ``[sum(counts), D]`` in stream order."""
+        feats = self.vision_tower(pixel_values, self.config.vision_feature_layer)  # (N, L', C)
+        if not self.config.keeps_cls and not self.config.vision.is_siglip:
+            feats = feats[:, 1:]  # LLaVA's "patch" features: drop CLS
+        feats = self.multi_modal_projector(feats.flatten(0, 1))  # (N * L, D)
+        if feature_index is None:
+            return feats
+        if self.config.use_image_newline:
+            feats = torch.cat([feats, self.image_newline[None].to(feats.dtype)])
+        return feats[feature_index]
+
+    def embed(self, batch: PackedBatch, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings ``[T, D]`` with image features scattered into their slots."""
+        embeds = self.language_model.embed_tokens(batch.input_ids)
+        if batch.image_offsets is None:
+            return embeds
+        if image_features is None:
+            image_features = self.encode_images(batch.pixel_values, batch.feature_index)
+        return scatter_image_tokens(embeds, image_features.to(embeds.dtype), batch.image_offsets, batch.image_counts)
+
+    def forward_packed(
+        self,
+        batch: PackedBatch,
+        meta: AttnMetadata | None = None,
+        cache: KVCache | None = None,
+        image_features: torch.Tensor | None = None,
+        max_position: int | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states ``[T, D]`` of a packed batch."""
+        if meta is None:
+            meta = AttnMetadata(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+        embeds = self.embed(batch, image_features)
+        return self.language_model(embeds, batch.position_ids, meta, cache, max_position or batch.max_seqlen)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.lm_head(hidden)
+
+    def packed_loss(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Sum of next-token cross-entropy over the batch's target tokens, and their count.
+
+        Logits are computed only at positions that have a target (never the full [T, V] in training).
+        """
+        if hidden is None:
+            hidden = self.forward_packed(batch)
+        targets = shifted_targets(batch.labels, batch.cu_seqlens)
+        keep = targets != IGNORE_INDEX
+        # boolean indexing syncs once per step; the alternative is full [T, V] logits
+        logits = self.logits(hidden[keep]).float()
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        return loss, int(keep.sum())
+
+    # -------------------------------------------------------------------- LLaVA-style padded API
+
+    def images_to_inputs(self, images, image_sizes) -> list[ImageInput]:
+        """LLaVA/transformers ``images`` + ``image_sizes`` -> one ``ImageInput`` per image."""
+        if images is None:
+            return []
+        if isinstance(images, torch.Tensor):
+            images = list(images) if images.dim() in (4, 5) else [images]
+        out = []
+        tile = self.config.vision.image_size
+        for i, px in enumerate(images):
+            if image_sizes is not None:
+                a, b = (int(v) for v in image_sizes[i])
+                size_hw = (a, b) if self.config.image_size_order == "hw" else (b, a)
+            else:
+                size_hw = (tile, tile)
+            px = px if px.dim() == 4 else px.unsqueeze(0)
+            out.append(ImageInput(px.to(self.device), size_hw))
+        return out
+
+    def _pack_padded(self, input_ids, attention_mask, images, image_sizes, labels):
+        """Split a padded [B, L] batch into per-sequence lists, assign images in order, and pack."""
+        ids_host = input_ids.tolist()
+        mask_host = attention_mask.bool().tolist() if attention_mask is not None else None
+        lab_host = labels.tolist() if labels is not None else None
+        img_inputs = self.images_to_inputs(images, image_sizes)
+        seqs, seq_labels, seq_images, positions = [], [], [], []
+        img = 0
+        hf_token = self.config.image_token_index
+        counts_cache: dict[int, int] = {}
+        for b, row in enumerate(ids_host):
+            keep = [j for j in range(len(row)) if mask_host is None or mask_host[b][j]]
+            ids = [row[j] for j in keep]
+            n_placeholders = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+            if hf_token is not None and n_placeholders == 0:
+                # llava-hf prompts carry expanded image tokens: count images by their token runs
+                n_tokens = sum(1 for t in ids if t == hf_token)
+                n_imgs = 0
+                while n_tokens > 0 and img + n_imgs < len(img_inputs):
+                    size = img_inputs[img + n_imgs].size_hw
+                    if size not in counts_cache:
+                        counts_cache[size] = image_token_count(self.config, size)
+                    c = counts_cache[size]
+                    n_tokens -= c
+                    n_imgs += 1
+            else:
+                n_imgs = n_placeholders
+            seqs.append(ids)
+            seq_images.append(img_inputs[img : img + n_imgs])
+            img += n_imgs
+            if lab_host is not None:
+                seq_labels.append([lab_host[b][j] for j in keep])
+            positions.append(keep)
+        if img != len(img_inputs):
+            raise ValueError(f"{len(img_inputs)} images given but the prompts use {img}")
+        batch = pack(seqs, seq_images, self.config, labels=seq_labels if labels is not None else None)
+        return batch.to(self.device), positions
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images=None,
+        image_sizes=None,
+        labels: torch.Tensor | None = None,
+        pixel_values=None,
+        **unused,
+    ) -> LlavaOutput:
+        """LLaVA's forward: logits ``[B, L', V]`` over each sequence with its image slots expanded
+        (LLaVA-style ``IMAGE_TOKEN_INDEX`` prompts) or at the input positions (llava-hf prompts, whose image
+        tokens are already expanded); ``loss`` when ``labels`` are given (mean over target tokens)."""
+        if images is None:
+            images = pixel_values
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        batch, positions = self._pack_padded(input_ids, attention_mask, images, image_sizes, labels)
+        hidden = self.forward_packed(batch)
+        logits = self.logits(hidden)  # (T, V)
+        expanded = bool((input_ids == IMAGE_TOKEN_INDEX).any())
+        B, L = input_ids.shape
+        out_len = max(batch.seq_lens) if expanded else L
+        out = logits.new_zeros(B, out_len, logits.shape[-1])
+        starts = batch.cu_seqlens.tolist()
+        for b in range(B):
+            seg = logits[starts[b] : starts[b + 1]]
+            if expanded:
+                if self.config.tokenizer_padding_side == "left":
+                    out[b, out_len - seg.shape[0] :] = seg
+                else:
+                    out[b, : seg.shape[0]] = seg
+            else:
+                out[b, positions[b]] = seg
+        loss = None
+        if labels is not None:
+            targets = shifted_targets(batch.labels, batch.cu_seqlens)
+            keep = targets != IGNORE_INDEX
+            loss = F.cross_entropy(logits[keep].float(), targets[keep])
+        return LlavaOutput(logits=out, loss=loss)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, images=None, image_sizes=None, **kwargs) -> torch.Tensor:
+        """Generate new tokens; returns only the new ids ``[B, n]`` (LLaVA passes embeddings to HF
+        ``generate``, so it too returns only new tokens). See ``fastllava.generation.generate``."""
+        from fastllava.generation import generate
+
+        return generate(self, input_ids, images=images, image_sizes=image_sizes, **kwargs)

@@ -8,8 +8,21 @@ Every backend takes packed ``q [T, Hq, D]``, ``k, v [T, Hk, D]`` (Hq a multiple 
 Decode runs one new token per sequence over a paged KV cache (``paged_attention``); the cache layout is
 ``[num_blocks, block_size, Hk, D]`` per layer, addressed through ``block_tables [B, max_blocks]``.
 
-``sdpa`` is the reference: always available, one fused call with a block-diagonal mask (O(T^2) memory,
-fine for a reference and for CPU-sized batches).
+Backends (``available_backends()`` lists those usable here, best first; ``auto`` picks the first one allowed
+to run automatically on the tensors' device):
+
+- ``flash``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; ``pip install flash-attn``).
+- ``triton``: our varlen FlashAttention-2 kernels (``kernels/flash_attention.py``): CUDA, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (tests only: ``auto`` never picks it on CPU).
+- ``flex``: torch FlexAttention with a document mask built from cu_seqlens. On CUDA it is compiled; on CPU
+  torch runs it unfused and has no backward (torch 2.13 raises), so with grads on CPU the same ``mask_mod`` is
+  materialised with ``create_mask`` and run through SDPA.
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` with block-diagonal biases (CUDA; host seqlens, so
+  one sync per call; ``pip install xformers``).
+- ``sdpa`` is the reference: always available, one fused call with a block-diagonal mask (O(T^2) memory,
+  fine for a reference and for CPU-sized batches).
+
+``auto`` on CUDA: flash > triton > flex > xformers > sdpa; on CPU: sdpa.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastllava.kernels.dispatch import HAS_TRITON, get_kernels, triton_interpreting
+
 
 @dataclass
 class Backend:
@@ -32,9 +47,17 @@ class Backend:
     priority: int = 0  # higher wins under "auto"
     supports_window: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
+    auto_devices: tuple[str, ...] | None = None  # devices where "auto" may pick it (None: all of `devices`)
+
+
+def package_available(name: str) -> bool:
+    """Availability flag for optional packages (flash_attn, xformers); import happens at use."""
+    return importlib.util.find_spec(name) is not None
 
 
 _BACKENDS: dict[str, Backend] = {}
+# transformers' spellings, so `attn_implementation="flash_attention_2"` keeps working
+_ALIASES = {"flash_attention_2": "flash", "flash_attention_3": "flash", "eager": "sdpa", "flex_attention": "flex"}
 
 
 def register_backend(
@@ -46,9 +69,10 @@ def register_backend(
     priority: int = 0,
     supports_window: bool = False,
     devices: tuple[str, ...] = ("cpu", "cuda"),
+    auto_devices: tuple[str, ...] | None = None,
 ) -> None:
     """Add (or replace) a varlen attention backend under ``name``."""
-    _BACKENDS[name] = Backend(name, fn, available, install_hint, priority, supports_window, devices)
+    _BACKENDS[name] = Backend(name, fn, available, install_hint, priority, supports_window, devices, auto_devices)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -64,18 +88,23 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 def resolve_backend(name: str | None, device: torch.device | str | None = None) -> str:
     """Map ``None``/``"auto"`` to the fastest backend present for ``device``; validate explicit names."""
+    dev = torch.device(device) if device is not None else None
     if name in (None, "auto"):
-        return available_backends(device)[0]
-    # accept transformers' spellings so `attn_implementation="flash_attention_2"` keeps working
-    name = {"flash_attention_2": "flash", "flash_attention_3": "flash", "eager": "sdpa", "flex_attention": "flex"}.get(
-        name, name
-    )
+        if dev is None:
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for candidate in available_backends(dev):
+            b = _BACKENDS[candidate]
+            if dev.type in (b.auto_devices if b.auto_devices is not None else b.devices):
+                return candidate
+        raise RuntimeError(f"no attention backend may run automatically on {dev.type}; registered: {sorted(_BACKENDS)}")
+    name = _ALIASES.get(name, name)
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
     backend = _BACKENDS[name]
-    dev = torch.device(device) if device is not None else None
     if not backend.available(dev):
         raise RuntimeError(f"attention backend {name!r} is not available here: {backend.install_hint}")
+    if dev is not None and dev.type not in backend.devices:
+        raise RuntimeError(f"attention backend {name!r} runs on {'/'.join(backend.devices)}, not {dev.type} tensors")
     return name
 
 
@@ -118,6 +147,23 @@ def sequence_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
 
 
+def token_positions(
+    cu_seqlens: torch.Tensor, total: int, cu_seqlens_k: torch.Tensor, total_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token: (seq_q [Tq], q_pos [Tq], seq_k [Tk], k_pos [Tk]), on the device, no host sync.
+
+    ``k_pos`` is a key's position in its sequence; ``q_pos`` counts a query in the same key positions, aligned
+    bottom-right (the last query sits at the last key), so causal is ``q_pos >= k_pos`` for any Lq <= Lk.
+    """
+    seq_q = sequence_ids(cu_seqlens, total)
+    seq_k = sequence_ids(cu_seqlens_k, total_k)
+    len_q = (cu_seqlens[1:] - cu_seqlens[:-1])[seq_q]
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1])[seq_q]
+    q_pos = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[seq_q] + len_k - len_q
+    k_pos = torch.arange(total_k, device=cu_seqlens.device) - cu_seqlens_k[seq_k]
+    return seq_q, q_pos, seq_k, k_pos
+
+
 def varlen_mask(
     cu_seqlens: torch.Tensor,
     total: int,
@@ -129,19 +175,13 @@ def varlen_mask(
     """[Tq, Tk] boolean mask, True where query i may attend key j (bottom-right aligned causal)."""
     if cu_seqlens_k is None:
         cu_seqlens_k, total_k = cu_seqlens, total
-    seq_q = sequence_ids(cu_seqlens, total)
-    seq_k = sequence_ids(cu_seqlens_k, total_k)
+    seq_q, q_pos, seq_k, k_pos = token_positions(cu_seqlens, total, cu_seqlens_k, total_k)
     mask = seq_q[:, None] == seq_k[None, :]
-    if causal or window is not None:
-        # position of each query counted from the end of its sequence's keys
-        q_local = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[seq_q]
-        q_pos = q_local + (cu_seqlens_k[seq_q + 1] - cu_seqlens_k[seq_q]) - (cu_seqlens[seq_q + 1] - cu_seqlens[seq_q])
-        k_pos = torch.arange(total_k, device=cu_seqlens.device) - cu_seqlens_k[seq_k]
-        diff = q_pos[:, None] - k_pos[None, :]  # i - j in absolute positions
-        if causal:
-            mask &= diff >= 0
-        if window is not None:
-            mask &= diff < window
+    diff = q_pos[:, None] - k_pos[None, :]  # i - j in absolute positions
+    if causal:
+        mask &= diff >= 0
+    if window is not None:
+        mask &= diff < window
     return mask
 
 
@@ -160,6 +200,193 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_
 
 
 register_backend("sdpa", sdpa_varlen, install_hint="always available", priority=0, supports_window=True)
+
+
+# --------------------------------------------------------------------------------------------- flex
+
+HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None  # torch >= 2.5
+_flex_compiled: Callable | None = None
+
+
+def flex_document_mask(cu_seqlens, total, causal, window, cu_seqlens_k, total_k) -> Callable:
+    """FlexAttention ``mask_mod`` of the packed batch: same document, bottom-right causal, sliding window."""
+    seq_q, q_pos, seq_k, k_pos = token_positions(cu_seqlens, total, cu_seqlens_k, total_k)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = seq_q[q_idx] == seq_k[kv_idx]
+        if causal:
+            ok = ok & (q_pos[q_idx] >= k_pos[kv_idx])
+        if window is not None:
+            ok = ok & (q_pos[q_idx] - k_pos[kv_idx] < window)
+        return ok
+
+    return mask_mod
+
+
+def flex_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
+    from torch.nn.attention import flex_attention as fa
+
+    global _flex_compiled
+    T, Hq, _ = q.shape
+    Tk = k.shape[0]
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens
+    mask_mod = flex_document_mask(cu_seqlens, T, causal, window, cu_seqlens_k, Tk)
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, T, D)
+    gqa = k.shape[1] != Hq
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if q.device.type == "cpu" and needs_grad:
+        # torch's CPU flex_attention has no backward (NotImplementedError in 2.13): evaluate the same mask_mod
+        # densely and let SDPA differentiate.
+        mask = fa.create_mask(mask_mod, None, None, T, Tk, device=q.device)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return out.squeeze(0).transpose(0, 1)
+    if q.is_cuda:
+        # fused kernel: flex is only fast compiled; the block mask is built by a compiled kernel as well
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(fa.flex_attention)
+        attend = _flex_compiled
+        block_mask = fa.create_block_mask(mask_mod, None, None, T, Tk, device=q.device, _compile=True)
+    else:
+        attend = fa.flex_attention  # CPU: torch runs it unfused (it warns once); compiling costs ~30 s per shape
+        block_mask = fa.create_block_mask(mask_mod, None, None, T, Tk, device=q.device)
+    out = attend(qh, kh, vh, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(0).transpose(0, 1)  # (T, Hq, D)
+
+
+register_backend(
+    "flex",
+    flex_varlen,
+    available=lambda device=None: HAS_FLEX,
+    install_hint="needs torch >= 2.5 (torch.nn.attention.flex_attention): pip install -U torch",
+    priority=20,
+    supports_window=True,
+    auto_devices=("cuda",),  # unfused on CPU: slower than sdpa there
+)
+
+
+# ------------------------------------------------------------------------------------------- triton
+
+
+def _triton_available(device: torch.device | None = None) -> bool:
+    if not HAS_TRITON:
+        return False
+    if device is None:
+        return torch.cuda.is_available() or triton_interpreting()
+    return (device.type == "cuda" and torch.cuda.is_available()) or (device.type == "cpu" and triton_interpreting())
+
+
+def triton_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
+    # imported at first use: TRITON_INTERPRET must be set before the kernels are defined
+    from fastllava.kernels import flash_attention as fa
+
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    # naming the backend asks for the kernel; the global switch set to "torch" still turns it off for A/B runs
+    op = fa.flash_attn_varlen_ref if get_kernels() == "torch" else fa.flash_attn_varlen_triton
+    return op(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale, window)
+
+
+register_backend(
+    "triton",
+    triton_varlen,
+    available=_triton_available,
+    install_hint="needs triton (pip install triton) and CUDA tensors, or TRITON_INTERPRET=1 set before importing "
+    "triton for CPU tensors",
+    priority=30,
+    supports_window=True,
+    auto_devices=("cuda",),  # the interpreter is for tests, never picked automatically
+)
+
+
+# -------------------------------------------------------------------------------------------- flash
+
+HAS_FLASH_ATTN = package_available("flash_attn")
+
+
+def flash_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
+    if not HAS_FLASH_ATTN:
+        raise RuntimeError("attention backend 'flash' needs flash-attn: pip install flash-attn")
+    from flash_attn import flash_attn_varlen_func
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"flash-attn runs fp16/bf16 only, got {q.dtype}; use the 'triton' or 'sdpa' backend")
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    # flash-attn's window is (left, right) inclusive: our "i - j < w" is left = w - 1; right 0 when causal
+    window_size = (-1, -1) if window is None else (window - 1, 0 if causal else -1)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens.to(torch.int32),
+        cu_seqlens_k.to(torch.int32),
+        max_seqlen,
+        max_seqlen_k,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,  # bottom-right aligned since flash-attn 2.1, as ours
+        window_size=window_size,
+    )
+
+
+register_backend(
+    "flash",
+    flash_varlen,
+    available=lambda device=None: HAS_FLASH_ATTN,
+    install_hint="pip install flash-attn",
+    priority=40,
+    supports_window=True,
+    devices=("cuda",),
+)
+
+
+# ----------------------------------------------------------------------------------------- xformers
+
+HAS_XFORMERS = package_available("xformers")
+
+
+def xformers_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
+    if not HAS_XFORMERS:
+        raise RuntimeError("attention backend 'xformers' needs xformers: pip install xformers")
+    from xformers.ops import memory_efficient_attention
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens
+    # xformers builds its bias from host lengths: one device->host copy per call (per layer, cache it upstream)
+    seqlens_q = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    bias = BlockDiagonalMask.from_seqlens(seqlens_q, seqlens_k)
+    if causal and window is not None:
+        bias = bias.make_local_attention_from_bottomright(window)  # keys with i + Lk - Lq - j < window
+    elif causal:
+        bias = bias.make_causal_from_bottomright()
+    elif window is not None:
+        raise ValueError("xformers has no non-causal sliding window; use the 'triton', 'flex' or 'sdpa' backend")
+    T, Hq, D = q.shape
+    Tk, Hk, _ = k.shape
+    group = Hq // Hk
+    # GQA as xformers' BMGHK layout: K/V expanded over the group (a stride-0 view, no copy)
+    out = memory_efficient_attention(
+        q.reshape(1, T, Hk, group, D),
+        k.reshape(1, Tk, Hk, 1, D).expand(1, Tk, Hk, group, D),
+        v.reshape(1, Tk, Hk, 1, D).expand(1, Tk, Hk, group, D),
+        attn_bias=bias,
+        scale=scale,
+    )
+    return out.reshape(T, Hq, D)
+
+
+register_backend(
+    "xformers",
+    xformers_varlen,
+    available=lambda device=None: HAS_XFORMERS,
+    install_hint="pip install xformers",
+    priority=10,
+    supports_window=True,
+    devices=("cuda",),
+)
 
 
 # ---------------------------------------------------------------------------------- paged decode
@@ -212,6 +439,16 @@ def register_paged_backend(
     _PAGED[name] = (fn, available, install_hint)
 
 
+def triton_paged(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=None, window=None):
+    from fastllava.kernels import paged_attention as pa  # at first use, like the varlen kernels
+
+    op = pa.paged_attention_decode_ref if get_kernels() == "torch" else pa.paged_attention_decode_triton
+    return op(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
+
+
+register_paged_backend("triton", triton_paged, _triton_available, _BACKENDS["triton"].install_hint)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -233,8 +470,3 @@ def paged_attention(
     if not available(q.device):
         raise RuntimeError(f"paged attention backend {name!r} is not available here: {hint}")
     return fn(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
-
-
-def package_available(name: str) -> bool:
-    """Availability flag for optional packages (flash_attn, xformers); import happens at use."""
-    return importlib.util.find_spec(name) is not None

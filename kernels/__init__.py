@@ -5,6 +5,7 @@ lazily inside each op file, so importing this package is cheap and works without
 """
 
 from fastllava.kernels.dispatch import get_kernels, set_kernels, use_triton
+from fastllava.kernels.projector_mlp import projector_mlp, projector_mlp_ref
 from fastllava.kernels.rms_norm import rms_norm, rms_norm_ref
 from fastllava.kernels.rotary import apply_rotary, apply_rotary_, apply_rotary_ref, rotary_cos_sin
 from fastllava.kernels.scatter_image_tokens import (
@@ -18,6 +19,8 @@ __all__ = [
     "get_kernels",
     "set_kernels",
     "use_triton",
+    "projector_mlp",
+    "projector_mlp_ref",
     "rms_norm",
     "rms_norm_ref",
     "apply_rotary",

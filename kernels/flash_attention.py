@@ -50,18 +50,6 @@ if HAS_TRITON:
     _KEY = ["BLOCK_D", "CAUSAL", "HAS_WINDOW", "PRECISION"]
 
     @triton.jit
-    def _key_range(m0, Lk, shift, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, WINDOW, BLOCK_M, BLOCK_N):
-        """[lo, hi) of the keys that queries m0 .. m0+BLOCK_M-1 can see (lo a multiple of BLOCK_N)."""
-        hi = Lk
-        if CAUSAL:
-            hi = tl.minimum(hi, m0 + BLOCK_M + shift)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(0, m0 + shift - WINDOW + 1)
-            lo = (lo // BLOCK_N) * BLOCK_N
-        return lo, hi
-
-    @triton.jit
     def _visible(q_pos, k_pos, Lq, Lk, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, WINDOW, shift):
         """Boolean mask from broadcastable query/key local positions (bottom-right causal, window)."""
         ok = (q_pos < Lq) & (k_pos < Lk)
@@ -110,7 +98,14 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        lo, hi = _key_range(m0, Lk, shift, CAUSAL, HAS_WINDOW, WINDOW, BLOCK_M, BLOCK_N)
+        # key blocks these queries can reach: causal stops at the last query's position, the window starts
+        # WINDOW - 1 before the first query's (rounded down to a block)
+        hi = Lk
+        if CAUSAL:
+            hi = tl.minimum(hi, m0 + BLOCK_M + shift)
+        lo = 0
+        if HAS_WINDOW:
+            lo = (tl.maximum(0, m0 + shift - WINDOW + 1) // BLOCK_N) * BLOCK_N
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + offs_n0
             row_k = (k_start + offs_n).to(tl.int64)
@@ -192,8 +187,7 @@ if HAS_TRITON:
         # queries that can see this key block: causal needs i >= j - shift, the window i < j + WINDOW - shift
         lo = 0
         if CAUSAL:
-            lo = tl.maximum(0, n0 - shift)
-            lo = (lo // BLOCK_M) * BLOCK_M
+            lo = (tl.maximum(0, n0 - shift) // BLOCK_M) * BLOCK_M
         hi = Lq
         if HAS_WINDOW:
             hi = tl.minimum(Lq, n0 + BLOCK_N - 1 + WINDOW - shift)
@@ -265,7 +259,14 @@ if HAS_TRITON:
         delta = tl.load(DELTA + h * stride_lse_h + q_start + offs_m, mask=offs_m < Lq, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-        lo, hi = _key_range(m0, Lk, shift, CAUSAL, HAS_WINDOW, WINDOW, BLOCK_M, BLOCK_N)
+        # key blocks these queries can reach: causal stops at the last query's position, the window starts
+        # WINDOW - 1 before the first query's (rounded down to a block)
+        hi = Lk
+        if CAUSAL:
+            hi = tl.minimum(hi, m0 + BLOCK_M + shift)
+        lo = 0
+        if HAS_WINDOW:
+            lo = (tl.maximum(0, m0 + shift - WINDOW + 1) // BLOCK_N) * BLOCK_N
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + offs_n0
             row_k = (k_start + offs_n).to(tl.int64)

@@ -56,7 +56,7 @@ setup(
     extras_require=extras,
     entry_points={
         "console_scripts": [
-            "fastllava=fastllava.__main__:main",
+            "fastllava=fastllava.serve.main:main",
             "fastllava-cli=fastllava.serve.cli:main",
         ]
     },

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh CPU machine, then lint and run the test and benchmark suites.
+# This is the README's test command and what CI (.ci/run) runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0                 # the local CPU wheel; must come before anything pulls torch
+python -m pip install -q -e ".[dev]"
+python -m ruff check .
+python -m ruff format --check .
+if [ -x .ci/nvcc_check.sh ] && command -v nvcc >/dev/null; then bash .ci/nvcc_check.sh; fi
+export TRITON_INTERPRET=1                              # Triton kernels run on the CPU through the interpreter
+python -m pytest tests -q -p no:randomly --timeout=900
+python -m pytest bench -q --timeout=900

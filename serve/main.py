@@ -1,0 +1,59 @@
+"""The ``fastllava`` command (from a checkout: ``python -m serve.main``).
+
+fastllava demo                 # one question about a generated picture, answered by the embedded default model
+fastllava chat [--image-file F] [--model-path DIR]   # interactive chat (serve.cli), default model unless told
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: a tiny LLaVA built locally and cached (no download)."""
+    from fastllava.default_model import default_model_path
+
+    return default_model_path()
+
+
+def _demo(args) -> int:
+    from fastllava.data.synthetic import demo_image
+    from . import cli
+
+    path = Path(args.model_path) if args.model_path else default_model_dir()
+    image, question = demo_image(seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        img_file = Path(tmp) / "demo.png"
+        image.save(img_file)
+        print(f"model: {path}\nimage: a generated picture ({image.size[0]}x{image.size[1]})\nUSER: {question}")
+        print("ASSISTANT: ", end="", flush=True)
+        return cli.main(
+            ["--model-path", str(path), "--image-file", str(img_file), "--query", question, "--device", "cpu",
+             "--temperature", "0", "--max-new-tokens", "16"]
+        )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastllava", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="answer one question about a generated image with the default model")
+    demo.add_argument("--model-path", default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    chat = sub.add_parser("chat", help="interactive chat (arguments as `python -m serve.cli`)")
+    chat.add_argument("rest", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    from . import cli
+
+    rest = list(args.rest)
+    if "--model-path" not in rest:
+        rest = ["--model-path", str(default_model_dir()), *rest]
+    return cli.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,7 @@ def default_model_dir() -> Path:
 
 def _demo(args) -> int:
     from fastllava.data.synthetic import demo_image
+
     from . import cli
 
     path = Path(args.model_path) if args.model_path else default_model_dir()

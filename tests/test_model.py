@@ -65,7 +65,7 @@ def test_packed_forward_equals_each_sequence_alone(anyres):
         batch = pack(seqs, images, cfg)
         packed = model.logits(model.forward_packed(batch))
         starts = batch.cu_seqlens.tolist()
-        for i, (s, im) in enumerate(zip(seqs, images)):
+        for i, (s, im) in enumerate(zip(seqs, images, strict=True)):
             alone = pack([s], [im], cfg)
             ref = model.logits(model.forward_packed(alone))
             torch.testing.assert_close(packed[starts[i] : starts[i + 1]], ref, atol=1e-5, rtol=1e-5)

@@ -28,6 +28,7 @@ to run automatically on the tensors' device):
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,6 +207,7 @@ register_backend("sdpa", sdpa_varlen, install_hint="always available", priority=
 
 HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None  # torch >= 2.5
 _flex_compiled: Callable | None = None
+_flex_mask_cache: dict[str, tuple] = {}  # one entry: the last packed batch's BlockMask
 
 
 def flex_document_mask(cu_seqlens, total, causal, window, cu_seqlens_k, total_k) -> Callable:
@@ -223,6 +225,27 @@ def flex_document_mask(cu_seqlens, total, causal, window, cu_seqlens_k, total_k)
     return mask_mod
 
 
+def _flex_block_mask(cu_seqlens, total, causal, window, cu_seqlens_k, total_k):
+    """The BlockMask of a packed batch, reused while the same cu_seqlens tensors come back unchanged.
+
+    A model calls attention once per layer with the same cu_seqlens; building the mask once per batch instead
+    of once per layer matters on GPU. The key holds the tensors themselves (identity + in-place version).
+    """
+    from torch.nn.attention import flex_attention as fa
+
+    key = (total, total_k, causal, window, cu_seqlens._version, cu_seqlens_k._version)
+    cached = _flex_mask_cache.get("last")
+    if cached is not None and cached[0] is cu_seqlens and cached[1] is cu_seqlens_k and cached[2] == key:
+        return cached[3]
+    mask_mod = flex_document_mask(cu_seqlens, total, causal, window, cu_seqlens_k, total_k)
+    # on CUDA the block mask is built by a compiled kernel (no [Tq, Tk] tensor); on CPU eagerly
+    block_mask = fa.create_block_mask(
+        mask_mod, None, None, total, total_k, device=cu_seqlens.device, _compile=cu_seqlens.is_cuda
+    )
+    _flex_mask_cache["last"] = (cu_seqlens, cu_seqlens_k, key, block_mask)
+    return block_mask
+
+
 def flex_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
     from torch.nn.attention import flex_attention as fa
 
@@ -231,11 +254,11 @@ def flex_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_
     Tk = k.shape[0]
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens
-    mask_mod = flex_document_mask(cu_seqlens, T, causal, window, cu_seqlens_k, Tk)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, T, D)
     gqa = k.shape[1] != Hq
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if q.device.type == "cpu" and needs_grad:
+        mask_mod = flex_document_mask(cu_seqlens, T, causal, window, cu_seqlens_k, Tk)
         # torch's CPU flex_attention has no backward (NotImplementedError in 2.13): evaluate the same mask_mod
         # densely and let SDPA differentiate.
         mask = fa.create_mask(mask_mod, None, None, T, Tk, device=q.device)
@@ -246,10 +269,9 @@ def flex_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_
         if _flex_compiled is None:
             _flex_compiled = torch.compile(fa.flex_attention)
         attend = _flex_compiled
-        block_mask = fa.create_block_mask(mask_mod, None, None, T, Tk, device=q.device, _compile=True)
     else:
         attend = fa.flex_attention  # CPU: torch runs it unfused (it warns once); compiling costs ~30 s per shape
-        block_mask = fa.create_block_mask(mask_mod, None, None, T, Tk, device=q.device)
+    block_mask = _flex_block_mask(cu_seqlens, T, causal, window, cu_seqlens_k, Tk)
     out = attend(qh, kh, vh, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     return out.squeeze(0).transpose(0, 1)  # (T, Hq, D)
 
@@ -357,7 +379,10 @@ def xformers_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None,
     # xformers builds its bias from host lengths: one device->host copy per call (per layer, cache it upstream)
     seqlens_q = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    bias = BlockDiagonalMask.from_seqlens(seqlens_q, seqlens_k)
+    # newer xformers take the bias device (else it defaults to cuda:0, wrong on other GPUs); older ones do not
+    takes_device = "device" in inspect.signature(BlockDiagonalMask.from_seqlens).parameters
+    extra = {"device": q.device} if takes_device else {}
+    bias = BlockDiagonalMask.from_seqlens(seqlens_q, seqlens_k, **extra)
     if causal and window is not None:
         bias = bias.make_local_attention_from_bottomright(window)  # keys with i + Lk - Lq - j < window
     elif causal:

@@ -182,6 +182,18 @@ def test_no_token_attends_across_sequences(backend):
         assert not torch.equal(a[~others], b[~others])  # the perturbation did reach its own sequence
 
 
+@pytest.mark.skipif("flex" not in CPU_BACKENDS, reason="needs torch flex_attention")
+def test_flex_block_mask_cache_follows_cu_seqlens_edits():
+    q, k, v, _ = make_qkv([10, 6], [10, 6], 2, 2, 32, torch.float32, seed=6)
+    c = cu([10, 6])
+    with torch.no_grad():
+        first = A.varlen_attention(q, k, v, c, 10, backend="flex")
+        assert torch.equal(first, A.varlen_attention(q, k, v, c, 10, backend="flex"))  # cache hit
+        c[1] = 3  # same tensor, new lengths [3, 13]: the cached mask must not be reused
+        got = A.varlen_attention(q, k, v, c, 13, backend="flex")
+    torch.testing.assert_close(got.double(), oracle(q, k, v, c, c, True), atol=1e-5, rtol=1e-5)
+
+
 def test_kernel_reference_matches_float64():
     from fastllava.kernels.flash_attention import flash_attn_varlen_ref
 

@@ -1,7 +1,8 @@
 """Triton kernels, one op per file, each with its plain-torch reference `<op>_ref`.
 
-Import as `fastllava.kernels` (installed under the fastllava namespace; see setup.py). Triton itself is imported
-lazily inside each op file, so importing this package is cheap and works without triton.
+Import as `fastllava.kernels` (installed under the fastllava namespace; see setup.py). Each op file imports triton
+and defines its kernels only when triton is installed (`dispatch.HAS_TRITON`), so this package imports without it.
+`triton.jit` picks the CPU interpreter when a kernel is *defined*: set TRITON_INTERPRET=1 before importing fastllava.
 """
 
 from fastllava.kernels.dispatch import get_kernels, set_kernels, use_triton

@@ -1,0 +1,194 @@
+"""The model runner: turns a ``SchedulerOutput`` into tensors, runs the model, samples.
+
+Per step: the vision tower on the images the scheduler listed (all tiles in one batch, features into the
+encoder cache); one packed prefill forward over every scheduled chunk, attending over each request's whole
+cached context (``kv_slots``/``cu_seqlens_k``: prefix-cache hits and earlier chunks included); one batched
+decode forward through paged attention; one ``sample`` call over the rows that produce a token, and one host
+sync (``tolist``) for the sampled ids. Per-request settings travel as tensors, so no request syncs alone.
+
+Image slots inside a chunk: the chunk's rows of each overlapping image's features (from the encoder cache)
+go in ``image_features``, with chunk-local ``image_offsets``/``image_counts``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastllava.engine.encoder_cache import EncoderCache
+from fastllava.engine.request import Request
+from fastllava.engine.scheduler import SchedulerOutput
+from fastllava.generation import sample
+from fastllava.model.language import AttnMetadata, KVCache
+from fastllava.packing import PackedBatch, image_feature_index, image_tiles
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model,
+        num_blocks: int,
+        block_size: int,
+        encoder_cache: EncoderCache,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.device = model.device
+        self.block_size = block_size
+        self.kv = KVCache(self.cfg.text, num_blocks, block_size, self.device, kv_dtype or model.dtype)
+        self.encoder_cache = encoder_cache
+        self.images_encoded = 0
+        self.vision_batches = 0
+        self._feature_index: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, tables: dict[str, list[int]]) -> dict[str, int]:
+        """Run one step; returns the sampled token of every request whose row produced one."""
+        if out.encoder_inputs:
+            self._encode(out.encoder_inputs)
+        rows: list[torch.Tensor] = []
+        sampling: list[Request] = []
+        if out.prefills:
+            hidden, last = self._prefill(out, tables)
+            idx = [k for k, c in enumerate(out.prefills) if c.samples]
+            if idx:
+                rows.append(hidden[last[idx]])
+                sampling += [out.prefills[k].request for k in idx]
+        if out.decodes:
+            rows.append(self._decode(out.decodes, tables))
+            sampling += out.decodes
+        if not sampling:
+            return {}
+        logits = self.model.logits(torch.cat(rows))  # (B, V)
+        tokens = self._sample(logits, sampling).tolist()  # the step's one host sync
+        return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+
+    # --------------------------------------------------------------------------------- encoder
+    def _index(self, size_hw: tuple[int, int]) -> torch.Tensor:
+        if size_hw not in self._feature_index:
+            self._feature_index[size_hw] = image_feature_index(self.cfg, size_hw)
+        return self._feature_index[size_hw]
+
+    def _encode(self, items: list[tuple[Request, int]]) -> None:
+        """All listed images through the vision tower + projector at once; features into the encoder cache."""
+        L = self.cfg.tokens_per_tile
+        tiles, index, counts, base = [], [], [], 0
+        for req, j in items:
+            img = req.images[j]
+            want = image_tiles(self.cfg, img.size_hw)
+            if img.pixel_values.shape[0] < want:
+                raise ValueError(f"image of size {img.size_hw} needs {want} tiles, got {img.pixel_values.shape[0]}")
+            tiles.append(img.pixel_values[:want])
+            idx = self._index(img.size_hw)
+            index.append(torch.where(idx == want * L, torch.full_like(idx, -1), idx + base * L))
+            counts.append(idx.numel())
+            base += want
+        index_t = torch.cat(index)
+        index_t = torch.where(index_t < 0, torch.full_like(index_t, base * L), index_t)  # newline row is last
+        pixels = torch.cat(tiles).to(self.device, self.model.dtype, non_blocking=True)
+        feats = self.model.encode_images(pixels, index_t.to(self.device))  # (sum counts, D)
+        for (req, j), f in zip(items, feats.split(counts), strict=True):
+            self.encoder_cache.put(req.images[j].content_hash, f)
+        self.encoder_cache.misses += len(items)
+        self.images_encoded += len(items)
+        self.vision_batches += 1
+
+    # --------------------------------------------------------------------------------- prefill
+    def _prefill(self, out: SchedulerOutput, tables: dict[str, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One packed forward over every chunk; returns hidden ``[T, D]`` and each chunk's last row."""
+        bs = self.block_size
+        ids, pos, slots, kv_slots, lens, lens_k = [], [], [], [], [], []
+        feats, img_off, img_cnt = [], [], []
+        base = 0
+        for c in out.prefills:
+            req, s, n = c.request, c.start, c.num_tokens
+            table = torch.tensor(tables[req.request_id], dtype=torch.long)
+            ctx = torch.arange(s + n)  # the whole context: cached prefix + this chunk
+            ctx_slots = table[ctx // bs] * bs + ctx % bs
+            ids.extend(req.token_ids(s, s + n))
+            pos.append(ctx[s:])
+            slots.append(ctx_slots[s:])
+            kv_slots.append(ctx_slots)
+            lens.append(n)
+            lens_k.append(s + n)
+            for j, lo, hi in req.images_in(s, s + n):
+                feats.append(self.encoder_cache.get(req.images[j].content_hash)[lo:hi])
+                img_off.append(base + req.image_offsets[j] + lo - s)
+                img_cnt.append(hi - lo)
+            base += n
+        dev = self.device
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lens).cumsum(0)
+        cu_k = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu_k[1:] = torch.tensor(lens_k).cumsum(0)
+        batch = PackedBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            position_ids=torch.cat(pos).to(dev, non_blocking=True),
+            cu_seqlens=cu.to(dev, non_blocking=True),
+            max_seqlen=max(lens),
+            seq_lens=lens,
+        )
+        image_features = None
+        if feats:
+            batch.image_offsets = torch.tensor(img_off, dtype=torch.long).to(dev, non_blocking=True)
+            batch.image_counts = torch.tensor(img_cnt, dtype=torch.long).to(dev, non_blocking=True)
+            batch.image_counts_host = img_cnt
+            image_features = torch.cat(feats)
+        meta = AttnMetadata(
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=batch.max_seqlen,
+            slot_mapping=torch.cat(slots).to(dev, non_blocking=True),
+            kv_slots=torch.cat(kv_slots).to(dev, non_blocking=True),
+            cu_seqlens_k=cu_k.to(dev, non_blocking=True),
+            max_seqlen_k=max(lens_k),
+        )
+        hidden = self.model.forward_packed(batch, meta, self.kv, image_features, max_position=max(lens_k))
+        return hidden, (cu[1:] - 1).long().to(dev, non_blocking=True)
+
+    # ---------------------------------------------------------------------------------- decode
+    def _decode(self, reqs: list[Request], tables: dict[str, list[int]]) -> torch.Tensor:
+        """One token per request at position ``num_computed_tokens``; returns hidden ``[B, D]``."""
+        bs = self.block_size
+        B = len(reqs)
+        width = max(len(tables[r.request_id]) for r in reqs)
+        block_tables = torch.zeros(B, width, dtype=torch.int32)
+        ids, pos, slots = [], [], []
+        for b, r in enumerate(reqs):
+            table = tables[r.request_id]
+            block_tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            p = r.num_computed_tokens
+            ids.append(r.token_ids(p, p + 1)[0])
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+        dev = self.device
+        pos_t = torch.tensor(pos, dtype=torch.long)
+        batch = PackedBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            position_ids=pos_t.to(dev, non_blocking=True),
+            cu_seqlens=torch.arange(B + 1, dtype=torch.int32).to(dev, non_blocking=True),
+            max_seqlen=1,
+            seq_lens=[1] * B,
+        )
+        meta = AttnMetadata(
+            cu_seqlens=batch.cu_seqlens,
+            max_seqlen=1,
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            block_tables=block_tables.to(dev, non_blocking=True),
+            context_lens=(pos_t + 1).to(dev, non_blocking=True),
+            decode=True,
+        )
+        return self.model.forward_packed(batch, meta, self.kv, max_position=max(pos) + 1)
+
+    # --------------------------------------------------------------------------------- sampling
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        dev = self.device
+        p = [r.params for r in reqs]
+        if all(x.temperature == 0 for x in p):
+            return logits.argmax(-1)  # all greedy: what `sample` returns for these rows, without the sort
+        temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev, non_blocking=True)
+        top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev, non_blocking=True)
+        top_k = torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev, non_blocking=True)
+        seeds = torch.tensor([x.seed or 0 for x in p], dtype=torch.long).to(dev, non_blocking=True)
+        steps = torch.tensor([len(r.output_token_ids) for r in reqs], dtype=torch.long).to(dev, non_blocking=True)
+        return sample(logits, temperature, top_p, top_k, seeds, steps)

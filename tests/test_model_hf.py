@@ -50,18 +50,14 @@ def _text_config(family: str):
     return transformers.LlamaConfig(**common)
 
 
-def _save_hf_checkpoint(path, family="llama", next_=False, seed=0):
+def _save_hf_checkpoint(path, family="llama", next_=False, seed=0, siglip=False, strategy="default"):
     """A tiny llava-hf checkpoint written by transformers, with its processor and tokenizer beside it."""
     torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-    )
+    vision_kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if siglip:
+        vision = transformers.SiglipVisionConfig(**vision_kw, image_size=32, patch_size=8)
+    else:
+        vision = transformers.CLIPVisionConfig(**vision_kw, image_size=32, patch_size=8, projection_dim=32)
     tok = build_tokenizer()
     image_token = tok.convert_tokens_to_ids("<image>")
     if next_:
@@ -144,6 +140,40 @@ def test_llava_hf_matches_transformers(tmp_path, family):
     model, proc = _save_hf_checkpoint(tmp_path, family)
     images = [_image(45, 61, 1)]
     _compare(_hf_reference(model, proc, PROMPT, images), _ours(tmp_path, PROMPT, images))
+
+
+def test_cls_patch_features_match_transformers(tmp_path):
+    model, proc = _save_hf_checkpoint(tmp_path, "llama", strategy="full")
+    images = [_image(37, 52, 8)]
+    _compare(_hf_reference(model, proc, PROMPT, images), _ours(tmp_path, PROMPT, images))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_vision_tower_hidden_states_match_transformers(kind):
+    """Our tower's selected hidden states equal transformers' CLIPVisionModel / SiglipVisionModel ones."""
+    from fastllava.config import _vision_from_dict
+    from fastllava.model.checkpoint import remap, vision_to_fastllava
+    from fastllava.model.vision import VisionTower
+
+    kw = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    if kind == "siglip":
+        hf_cfg, hf_cls = transformers.SiglipVisionConfig(**kw), transformers.SiglipVisionModel
+    else:
+        hf_cfg, hf_cls = transformers.CLIPVisionConfig(**kw), transformers.CLIPVisionModel
+    torch.manual_seed(0)
+    hf = hf_cls(hf_cfg).eval()
+    ours = VisionTower(_vision_from_dict(hf_cfg.to_dict())).eval()
+    state = {k.removeprefix("vision_tower."): v for k, v in remap(hf.state_dict(), vision_to_fastllava).items()}
+    missing, _ = ours.load_state_dict(state, strict=False)
+    assert not missing
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(pixel_values=x, output_hidden_states=True).hidden_states
+        for layer in (-2, 1, [-3, -2]):
+            want = torch.cat([ref[i] for i in layer], -1) if isinstance(layer, list) else ref[layer]
+            torch.testing.assert_close(ours(x, layer), want, atol=1e-5, rtol=1e-5)
 
 
 def test_several_images_in_one_prompt(tmp_path):

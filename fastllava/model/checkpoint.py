@@ -144,10 +144,16 @@ def llava_to_fastllava(key: str) -> str | None:
 
 
 def vision_to_fastllava(key: str) -> str | None:
-    """Map a CLIP/SigLIP checkpoint key (``CLIPVisionModel`` or full ``CLIPModel``) to ``vision_tower.*``."""
-    if _DROP.search(key) or not key.startswith("vision_model."):
+    """Map a CLIP/SigLIP checkpoint key (``CLIPVisionModel`` or full ``CLIPModel``) to ``vision_tower.*``.
+
+    Accepts ``vision_model.X`` (checkpoints on disk) and bare ``X`` (transformers 5's in-memory names)."""
+    if _DROP.search(key):
         return None
-    return "vision_tower." + key[len("vision_model.") :]
+    if key.startswith("vision_model."):
+        return "vision_tower." + key[len("vision_model.") :]
+    if key.split(".", 1)[0] in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm"):
+        return "vision_tower." + key
+    return None
 
 
 def remap(state: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:

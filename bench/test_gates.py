@@ -273,3 +273,15 @@ def test_plot_renders_all_record_kinds(tmp_path):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "plots" / "summary.md").read_text()
     assert "| toy[fwd] |" in table and "pass (1)" in table
+
+
+def test_update_baselines_stores_the_median_of_several_runs(tmp_path):
+    s = session(tmp_path)
+    for _ in range(3):
+        run_case(case(ref), s)
+    recs = update_baselines.read_records(s.results_path)
+    for rec, value in zip(recs, (1.0, 5.0, 1.2), strict=True):  # one outlier run must not set the baseline
+        rec["ratios"]["eager"] = value
+    update_baselines.update_baselines(recs, tmp_path / "med")
+    entry = load_baselines("cpu", tmp_path / "med")["toy[fwd]"]
+    assert entry["ratios"] == {"eager": 1.2} and entry["runs"] == 3

@@ -174,30 +174,20 @@ def varlen_mask(
     total_k: int | None = None,
 ) -> torch.Tensor:
     """[Tq, Tk] boolean mask, True where query i may attend key j (bottom-right aligned causal)."""
+    from fastllava.kernels.flash_attention import varlen_mask as mask_fn  # the kernels' reference
+
     if cu_seqlens_k is None:
         cu_seqlens_k, total_k = cu_seqlens, total
-    seq_q, q_pos, seq_k, k_pos = token_positions(cu_seqlens, total, cu_seqlens_k, total_k)
-    mask = seq_q[:, None] == seq_k[None, :]
-    diff = q_pos[:, None] - k_pos[None, :]  # i - j in absolute positions
-    if causal:
-        mask &= diff >= 0
-    if window is not None:
-        mask &= diff < window
-    return mask
+    return mask_fn(cu_seqlens, total, cu_seqlens_k, total_k, causal, window)
 
 
 def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
-    T, Hq, _ = q.shape
-    mask = varlen_mask(cu_seqlens, T, causal, window, cu_seqlens_k, k.shape[0])
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),  # (1, Hq, T, D)
-        k.transpose(0, 1).unsqueeze(0),  # (1, Hk, Tk, D)
-        v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=k.shape[1] != Hq,
-    )
-    return out.squeeze(0).transpose(0, 1)  # (T, Hq, D)
+    """The reference backend: the Triton kernel's own torch reference (one SDPA call, block-diagonal mask)."""
+    from fastllava.kernels.flash_attention import flash_attn_varlen_ref
+
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    return flash_attn_varlen_ref(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale, window)
 
 
 register_backend("sdpa", sdpa_varlen, install_hint="always available", priority=0, supports_window=True)
@@ -426,31 +416,15 @@ def paged_attention_ref(
     softmax_scale: float | None = None,
     window: int | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence over a paged cache.
+    """One query token per sequence over a paged cache (the Triton kernel's own torch reference).
 
     q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hk, D]; block_tables [B, max_blocks] int32
     (entries past a sequence's last block are ignored); context_lens [B] (keys 0..len-1, the new token's
     own K/V included). Returns [B, Hq, D].
     """
-    B, Hq, D = q.shape
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    tables = block_tables.long().clamp(min=0)
-    k = k_cache[tables].flatten(1, 2)  # (B, L, Hk, D), L = max_blocks * block_size
-    v = v_cache[tables].flatten(1, 2)
-    pos = torch.arange(k.shape[1], device=q.device)
-    lens = context_lens.to(q.device).long()[:, None]
-    mask = pos[None, :] < lens  # (B, L)
-    if window is not None:
-        mask &= pos[None, :] >= lens - window
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2),  # (B, Hq, 1, D)
-        k.transpose(1, 2),  # (B, Hk, L, D)
-        v.transpose(1, 2),
-        attn_mask=mask[:, None, None, :],
-        scale=scale,
-        enable_gqa=k.shape[2] != Hq,
-    )
-    return out.squeeze(2)
+    from fastllava.kernels.paged_attention import paged_attention_decode_ref
+
+    return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
 
 
 _PAGED: dict[str, tuple[Callable, Callable[[torch.device | None], bool], str]] = {

@@ -56,14 +56,14 @@ def _image(cfg, seed: int, size_hw=(32, 32)) -> EngineImage:
     return EngineImage(torch.randn(tiles, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g), size_hw)
 
 
-def _requests(cfg, n: int, seed: int, max_tokens=(4, 20)):
+def _requests(cfg, n: int, seed: int, max_tokens=(4, 14)):
     """Mixed prompts: text-only, one image, two images; varied lengths, sizes and max_tokens."""
     rng = random.Random(seed)
     sizes = [(32, 32), (32, 64), (64, 32), (48, 80)] if cfg.is_anyres else [(32, 32)]
     pool = [_image(cfg, 100 + i, sizes[i % len(sizes)]) for i in range(6)]  # shared images across requests
     out = []
     for i in range(n):
-        ids = [1] + [rng.randrange(5, cfg.text.vocab_size) for _ in range(rng.randrange(2, 40))]
+        ids = [1] + [rng.randrange(5, cfg.text.vocab_size) for _ in range(rng.randrange(2, 30))]
         kind = i % 4  # 0 text-only, 1-2 one image, 3 two images
         imgs = [] if kind == 0 else rng.sample(pool, 2 if kind == 3 else 1)
         for _ in imgs:
@@ -107,7 +107,7 @@ def test_batch_invariance_32_concurrent(which, anyres_model, model):
     assert together == alone
     assert len({tuple(t) for t in alone}) > 16  # outputs really differ per request
     # small steps: chunked prefill (chunks cut images), prefill mixed with decode, at most 8 running
-    chunked, eng2 = _run_together(m, reqs, max_num_batched_tokens=23, max_num_seqs=8)
+    chunked, eng2 = _run_together(m, reqs, max_num_batched_tokens=37, max_num_seqs=12)
     assert chunked == alone
     assert eng2.metrics().num_steps > eng.metrics().num_steps
     # the static generate loop agrees on a few (no image sharing / prefix caching there)
@@ -125,7 +125,7 @@ def test_batch_invariance_32_concurrent(which, anyres_model, model):
 def test_chunked_prefill_equals_unchunked(model):
     reqs = _requests(model.config, 6, seed=2)
     full, _ = _run_together(model, reqs, enable_chunked_prefill=False)
-    for budget in (1, 5, 16):
+    for budget in (3, 16):
         chunked, _ = _run_together(model, reqs, max_num_batched_tokens=budget)
         assert chunked == full, budget
 
@@ -192,7 +192,7 @@ def test_stop_token_eos_and_stop_strings(model, tokenizer):
 def test_abort_hundreds_at_random_points_leaks_nothing(anyres_model):
     rng = random.Random(5)
     eng = LLMEngine(anyres_model, config=EngineConfig(block_size=4, num_blocks=96, max_num_batched_tokens=64))
-    reqs = _requests(anyres_model.config, 300, seed=5, max_tokens=(2, 12))
+    reqs = _requests(anyres_model.config, 200, seed=5, max_tokens=(2, 10))
     pending, aborted, finished = list(enumerate(reqs)), 0, 0
     while pending or eng.has_unfinished_requests():
         for _ in range(rng.randrange(0, 12)):
@@ -204,7 +204,7 @@ def test_abort_hundreds_at_random_points_leaks_nothing(anyres_model):
             assert eng.abort_request(rid).finish_reason == "abort"
             aborted += 1
         finished += sum(o.finished for o in eng.step())
-    assert aborted > 100 and finished > 50
+    assert aborted > 80 and finished > 40
     assert eng.metrics().num_aborted == aborted
     assert eng.abort_request("r0") is None  # already gone: no-op
     _assert_clean(eng)

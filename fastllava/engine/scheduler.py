@@ -146,9 +146,9 @@ class Scheduler:
             if j in req.encoder_refs:
                 continue
             key = req.images[j].content_hash
-            if self.encoder_cache.has(key):
+            if self.encoder_cache.has(key) or key in encoding:  # cached, or encoded this step for another request
                 self.encoder_cache.hits += 1
-            elif key not in encoding:
+            else:
                 encoding.add(key)
                 out.encoder_inputs.append((req, j))
             self.encoder_cache.acquire(key, req.request_id)

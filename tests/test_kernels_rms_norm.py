@@ -1,69 +1,20 @@
 """Fused RMSNorm (kernels/rms_norm.py): Triton vs the torch reference vs float64, forward and every gradient.
 
-Without a GPU the kernels run in the Triton interpreter, which `triton.jit` selects when a kernel is *defined*:
-CI runs `TRITON_INTERPRET=1 pytest tests`. Run alone, this module sets it before importing fastllava; if an
-earlier test module already imported fastllava (building GPU kernels), the op module is reloaded under it.
+Without a GPU the kernels run in the Triton interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before
+anything imports triton. Shared helpers (skip mark, accuracy check) are in tests/kernel_testing.py.
 """
-
-import importlib
-import os
 
 import pytest
 import torch
+from kernel_testing import CUDA, DEVICE, assert_matches, requires_triton
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fastllava.kernels import rms_norm, rms_norm_ref, set_kernels
 
-from fastllava.kernels import rms_norm, rms_norm_ref, set_kernels  # noqa: E402
-from fastllava.kernels.dispatch import HAS_TRITON, triton_interpreting  # noqa: E402
-
-op_module = importlib.import_module("fastllava.kernels.rms_norm")
-if HAS_TRITON and not CUDA and triton_interpreting():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(op_module._rms_norm_fwd_kernel, InterpretedFunction):
-        importlib.reload(op_module)  # the public op looks its kernels up in the reloaded module globals
-
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or not (CUDA or triton_interpreting()),
-    reason="needs triton and a GPU, or TRITON_INTERPRET=1 set before triton was imported",
-)
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = requires_triton
 
 # Triton vs the reference in the same dtype (bf16 is checked against float64 only; see `assert_matches`).
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-2, rtol=1e-2)}
 SHAPES = [(9, 341), (3, 4095), (1, 64), (2, 3, 48)]
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    """Force the Triton path, and fill every `torch.empty` output with NaN so an unwritten element fails."""
-    previous = set_kernels("triton")
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
-    yield
-    set_kernels(previous)
-
-
-def assert_matches(out, ref, exact, name):
-    """``out`` (Triton) agrees with ``ref`` (torch, same dtype) and is no worse than 2x ``ref``'s error vs float64."""
-    assert out.dtype == ref.dtype and out.shape == ref.shape, name
-    assert torch.isfinite(out).all(), f"{name}: non-finite (unwritten?) elements"
-    if out.dtype in TOL:
-        torch.testing.assert_close(out, ref, **TOL[out.dtype], msg=lambda m: f"{name}: {m}")
-    exact = exact.double()
-    err = (out.double() - exact).abs().max()
-    ref_err = (ref.double() - exact).abs().max()
-    floor = torch.finfo(out.dtype).eps * exact.abs().max().clamp_min(1.0)
-    assert err <= 2 * ref_err + floor, f"{name}: error vs float64 {err:.3g} > 2 x torch's {ref_err:.3g}"
 
 
 def rms_norm_f64(x, weight, eps, residual):
@@ -96,9 +47,9 @@ def run_case(shape, dtype, with_residual, eps=1e-6):
 
     names = ["y", "h"][: len(results["triton"][0])]
     for i, name in enumerate(names):
-        assert_matches(results["triton"][0][i], results["torch"][0][i], results["f64"][0][i], name)
+        assert_matches(results["triton"][0][i], results["torch"][0][i], results["f64"][0][i], name, TOL)
     for i, name in enumerate(["dx", "dweight", "dresidual"][: len(results["triton"][1])]):
-        assert_matches(results["triton"][1][i], results["torch"][1][i], results["f64"][1][i], name)
+        assert_matches(results["triton"][1][i], results["torch"][1][i], results["f64"][1][i], name, TOL)
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])

@@ -1,40 +1,20 @@
 """Varlen image-token scatter (kernels/scatter_image_tokens.py): Triton vs the torch reference vs a per-image loop.
 
-Without a GPU the kernels run in the Triton interpreter, which `triton.jit` selects when a kernel is *defined*:
-CI runs `TRITON_INTERPRET=1 pytest tests`. Run alone, this module sets it before importing fastllava; if an
-earlier test module already imported fastllava (building GPU kernels), the op module is reloaded under it.
+Without a GPU the kernels run in the Triton interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before
+anything imports triton. Shared helpers (skip mark, accuracy check) are in tests/kernel_testing.py.
 """
-
-import importlib
-import os
 
 import pytest
 import torch
+from kernel_testing import CUDA, DEVICE, assert_matches, requires_triton
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from fastllava.kernels import (  # noqa: E402
+from fastllava.kernels import (
     scatter_image_tokens,
     scatter_image_tokens_,
     scatter_image_tokens_ref,
-    set_kernels,
 )
-from fastllava.kernels.dispatch import HAS_TRITON, triton_interpreting  # noqa: E402
 
-op_module = importlib.import_module("fastllava.kernels.scatter_image_tokens")
-if HAS_TRITON and not CUDA and triton_interpreting():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(op_module._scatter_image_tokens_fwd_kernel, InterpretedFunction):
-        importlib.reload(op_module)  # the public op looks its kernels up in the reloaded module globals
-
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or not (CUDA or triton_interpreting()),
-    reason="needs triton and a GPU, or TRITON_INTERPRET=1 set before triton was imported",
-)
-DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = requires_triton
 
 # A scatter is a copy (with at most one cast): every dtype must match the reference exactly.
 TOL = {torch.float32: dict(atol=0, rtol=0), torch.float16: dict(atol=0, rtol=0), torch.bfloat16: dict(atol=0, rtol=0)}
@@ -48,35 +28,6 @@ CASES = {
     # packed: [3 text + 4 image] [1 text] [2 text + 2 image + 1 text + 3 image + 1 text], then 4 more images
     "packed-8-images": (40, 24, [3, 10, 13, 16, 21, 24, 30, 36], [4, 2, 3, 1, 3, 5, 6, 4]),
 }
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    """Force the Triton path, and fill every `torch.empty` output with NaN so an unwritten element fails."""
-    previous = set_kernels("triton")
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
-    yield
-    set_kernels(previous)
-
-
-def assert_matches(out, ref, exact, name):
-    """``out`` (Triton) agrees with ``ref`` (torch, same dtype) and is no worse than 2x ``ref``'s error vs float64."""
-    assert out.dtype == ref.dtype and out.shape == ref.shape, name
-    assert torch.isfinite(out).all(), f"{name}: non-finite (unwritten?) elements"
-    torch.testing.assert_close(out, ref, **TOL[out.dtype], msg=lambda m: f"{name}: {m}")
-    exact = exact.double()
-    err = (out.double() - exact).abs().max() if out.numel() else 0.0
-    ref_err = (ref.double() - exact).abs().max() if out.numel() else 0.0
-    floor = torch.finfo(out.dtype).eps * (exact.abs().max().clamp_min(1.0) if out.numel() else 1.0)
-    assert err <= 2 * ref_err + floor, f"{name}: error vs float64 {err:.3g} > 2 x torch's {ref_err:.3g}"
 
 
 def scatter_loop_f64(embeds, features, offsets, counts):
@@ -111,7 +62,7 @@ def run_case(case, dtype, index_dtype=torch.int64, features_dtype=None):
         results[name] = (out, e.grad, f.grad if f.grad is not None else torch.zeros_like(f))
     for i, name in enumerate(["merged", "d_embeds", "d_features"]):
         tri, ref, exact = results["triton"][i], results["torch"][i], results["f64"][i]
-        assert_matches(tri, ref, exact, name)
+        assert_matches(tri, ref, exact, name, TOL)
     # the image slots get exactly zero gradient, everything else passes through
     dest_mask = scatter_loop_f64(torch.zeros_like(embeds), torch.ones_like(features), offsets, counts) > 0
     assert torch.equal(results["triton"][1][dest_mask], torch.zeros_like(results["triton"][1][dest_mask]))

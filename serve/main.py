@@ -19,18 +19,28 @@ def default_model_dir() -> Path:
     return default_model_path()
 
 
-def _demo(args) -> int:
-    from fastllava.data.synthetic import demo_image
+def demo_question(seed: int = 0):
+    """A picture from the synthetic shapes set, a question about it, and the true answer."""
+    import random
 
+    from fastllava.data.synthetic import QUESTION_KINDS, SUFFIX, draw_scene, question, random_scene
+
+    rng = random.Random(seed)
+    items = random_scene(rng)
+    q, answer = question(items, rng.choice(QUESTION_KINDS), rng)
+    return draw_scene(items), q + SUFFIX, answer
+
+
+def _demo(args) -> int:
     from . import cli
 
     path = Path(args.model_path) if args.model_path else default_model_dir()
-    image, question = demo_image(seed=args.seed)
+    image, question, answer = demo_question(seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         img_file = Path(tmp) / "demo.png"
         image.save(img_file)
-        print(f"model: {path}\nimage: a generated picture ({image.size[0]}x{image.size[1]})\nUSER: {question}")
-        print("ASSISTANT: ", end="", flush=True)
+        print(f"model: {path}\nimage: a generated picture ({image.size[0]}x{image.size[1]}), true answer: {answer}")
+        print(f"USER: {question}\nASSISTANT: ", end="", flush=True)
         return cli.main(
             ["--model-path", str(path), "--image-file", str(img_file), "--query", question, "--device", "cpu",
              "--temperature", "0", "--max-new-tokens", "16"]

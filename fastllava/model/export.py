@@ -29,13 +29,14 @@ def _text_dict(cfg: LlavaConfig) -> dict:
         "max_position_embeddings": t.max_position_embeddings,
         "rms_norm_eps": t.rms_norm_eps,
         "rope_theta": t.rope_theta,
-        "rope_scaling": t.rope_scaling,
         "hidden_act": t.hidden_act,
         "tie_word_embeddings": t.tie_word_embeddings,
         "bos_token_id": t.bos_token_id,
         "eos_token_id": t.eos_token_id,
         "pad_token_id": t.pad_token_id,
     }
+    if t.rope_scaling is not None:
+        d["rope_scaling"] = t.rope_scaling
     if t.model_type == "llama":
         d.update(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias)
     if t.model_type == "mistral":

@@ -19,17 +19,24 @@ extras = {
     "xformers": ["xformers"],
     "eval": ["openai", "matplotlib"],
     "dev": [
+        "triton",  # Triton kernels run under TRITON_INTERPRET=1 in the CPU tests
         "pytest",
         "pytest-benchmark",
         "pytest-timeout",
         "ruff",
-        "import-linter",
         "matplotlib",
         "bitsandbytes",
         "liger-kernel",
+        "fastapi",
+        "uvicorn",
+        "httpx",
+        "openai",
+        "prometheus-client",
+        "gradio",
+        "playwright",
     ],
 }
-extras["all"] = sorted({d for k, v in extras.items() if k not in ("flash", "xformers") for d in v})
+extras["all"] = sorted({d for k, v in extras.items() if k not in ("flash", "xformers", "dev") for d in v})
 
 setup(
     name="fastllava",

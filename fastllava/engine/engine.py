@@ -141,6 +141,11 @@ class LLMEngine:
                 f"{params.max_tokens} max_tokens) = {bm.blocks_needed(total)} blocks, but the cache holds only "
                 f"{bm.num_blocks} blocks of {bm.block_size} tokens; lower max_tokens or grow the cache"
             )
+        if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
+            raise RequestTooLargeError(
+                f"prompt of {len(ids)} tokens exceeds max_num_batched_tokens={self.config.max_num_batched_tokens} "
+                "and chunked prefill is off"
+            )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         return Request(rid, ids, imgs, offsets, counts, params, time.perf_counter())
 
@@ -197,6 +202,8 @@ class LLMEngine:
         """Schedule, execute, update: one forward of every scheduled request. Returns the outputs produced."""
         out = self.scheduler.schedule()
         if out.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:  # make_request's checks rule this out
+                raise RuntimeError(f"cannot admit {self.scheduler.waiting[0]}: the KV cache is too small for it")
             return []
         sampled = self.runner.execute(out, self.block_manager.tables)
         now = time.perf_counter()

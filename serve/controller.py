@@ -1,0 +1,450 @@
+"""The controller: a registry of model workers and a router in front of them (LLaVA's routes, plus an
+OpenAI-compatible ``/v1`` that routes by model name).
+
+    python -m serve.controller --host 127.0.0.1 --port 10000 [--dispatch-method shortest_queue|lottery]
+
+Workers register (``/register_worker``) with the shared token from ``--worker-token`` or
+``FASTLLAVA_WORKER_TOKEN`` in the ``X-Worker-Token`` header; with no token configured only loopback
+clients may register (LLaVA lets anyone register and then receive users' prompts). A worker whose
+heartbeats stop for ``--heart-beat-expiration`` seconds, or that refuses connections, is dropped.
+
+``/v1/chat/completions`` streams from a worker and, until the worker has produced the first token, a
+request that fails on one worker (connection refused, died, draining, overloaded) is retried on another;
+after that a failure ends the stream with an error event (or a 502 for a non-streamed request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from . import protocol as P
+from .http_app import (
+    LimitsMiddleware,
+    api_keys_from,
+    check_api_key,
+    client_is_loopback,
+    install_error_handlers,
+    request_id_var,
+    run_server,
+    setup_logging,
+    until_disconnected,
+)
+
+logger = setup_logging("fastllava.controller")
+WORKER_TOKEN_HEADER = "x-worker-token"
+RETRYABLE_STATUS = (429, 503)
+LLAVA_NO_WORKER = "**No worker is serving this model right now.** Start a worker or try again shortly."
+
+
+@dataclass
+class WorkerInfo:
+    model_names: list[str]
+    speed: float
+    queue_length: int
+    check_heart_beat: bool
+    last_heart_beat: float = field(default_factory=time.monotonic)
+
+
+class Registry:
+    """Workers by address; dispatch by shortest queue (queue / speed) or lottery (weighted by speed)."""
+
+    def __init__(self, dispatch_method: str, expiration: float) -> None:
+        if dispatch_method not in ("shortest_queue", "lottery"):
+            raise ValueError(f"dispatch method {dispatch_method!r}: use shortest_queue or lottery")
+        self.method, self.expiration = dispatch_method, expiration
+        self.workers: dict[str, WorkerInfo] = {}
+
+    def register(self, name: str, status: dict, check_heart_beat: bool = True) -> None:
+        self.workers[name] = WorkerInfo(
+            model_names=[str(m) for m in status.get("model_names", [])],
+            speed=float(status.get("speed", 1.0)) or 1.0,
+            queue_length=int(status.get("queue_length", 0)),
+            check_heart_beat=check_heart_beat,
+        )
+
+    def remove(self, name: str, why: str) -> None:
+        if self.workers.pop(name, None) is not None:
+            logger.warning("dropped worker %s: %s", name, why)
+
+    def heart_beat(self, name: str, queue_length: int) -> bool:
+        w = self.workers.get(name)
+        if w is None:
+            return False
+        w.queue_length, w.last_heart_beat = queue_length, time.monotonic()
+        return True
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for name, w in list(self.workers.items()):
+            if w.check_heart_beat and now - w.last_heart_beat > self.expiration:
+                self.remove(name, f"no heartbeat for {now - w.last_heart_beat:.1f}s")
+
+    def models(self) -> list[str]:
+        self.expire()
+        return sorted({m for w in self.workers.values() for m in w.model_names})
+
+    def pick(self, model: str, exclude: set[str] = frozenset()) -> str | None:
+        self.expire()
+        cands = [(n, w) for n, w in self.workers.items() if model in w.model_names and n not in exclude]
+        if not cands:
+            return None
+        if self.method == "lottery":
+            return random.choices([n for n, _ in cands], weights=[w.speed for _, w in cands])[0]
+        name, w = min(cands, key=lambda nw: (nw[1].queue_length / nw[1].speed, random.random()))
+        w.queue_length += 1  # count our own dispatch until the next heartbeat says otherwise
+        return name
+
+
+class Controller:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.registry = Registry(args.dispatch_method, args.heart_beat_expiration)
+        self.token = args.worker_token or os.environ.get("FASTLLAVA_WORKER_TOKEN") or None
+        self.api_keys = api_keys_from(args.api_key)
+        self.client: httpx.AsyncClient | None = None
+        self.counters = {"requests": 0, "retries": 0, "failed_mid_stream": 0}
+
+    def authorize_worker(self, request: Request) -> None:
+        if self.token is None:
+            if not client_is_loopback(request):
+                raise P.APIError(403, "worker registration is open to loopback clients only (no token configured)",
+                                 "authentication_error", None, "forbidden")  # fmt: skip
+            return
+        given = request.headers.get(WORKER_TOKEN_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise P.APIError(401, "worker registration needs the shared token (X-Worker-Token)",
+                             "authentication_error", None, "invalid_worker_token")  # fmt: skip
+
+    # ---------------------------------------------------------------------------------- OpenAI routing
+    async def open_stream(self, model: str, payload: dict, rid: str):
+        """Open a worker stream and read its first event, failing over between workers. Returns
+        ``(worker, response, line iterator, first event)``; raises ``APIError`` when no worker can serve."""
+        tried: set[str] = set()
+        last_error: P.APIError | None = None
+        while True:
+            worker = self.registry.pick(model, tried)
+            if worker is None:
+                if last_error is not None:
+                    raise last_error
+                if model not in self.registry.models():
+                    if not self.registry.workers:
+                        raise P.overloaded("no worker is up yet; retry shortly", 503, retry_after=5)
+                    served = ", ".join(self.registry.models())
+                    raise P.APIError(404, f"the model {model[:100]!r} does not exist (served: {served})",
+                                     param="model", code="model_not_found")  # fmt: skip
+                raise P.overloaded(f"no live worker for {model!r}; retry shortly", 503, retry_after=5)
+            tried.add(worker)
+            if len(tried) > 1:
+                self.counters["retries"] += 1
+            req = self.client.build_request("POST", worker + "/v1/chat/completions", json=payload,
+                                            headers={"x-request-id": rid})  # fmt: skip
+            try:
+                resp = await self.client.send(req, stream=True)
+            except httpx.TransportError as e:
+                self.registry.remove(worker, f"unreachable ({type(e).__name__})")
+                continue
+            if resp.status_code != 200:
+                body = await resp.aread()
+                await resp.aclose()
+                err = _worker_error(resp.status_code, body, resp.headers)
+                if resp.status_code in RETRYABLE_STATUS:
+                    last_error = err
+                    continue
+                raise err
+            lines = resp.aiter_lines()
+            try:
+                first = await _next_event(lines)
+            except (httpx.TransportError, StopAsyncIteration):
+                await resp.aclose()
+                self.registry.remove(worker, "the connection broke before the first token")
+                continue
+            return worker, resp, lines, first
+
+
+def _worker_error(status: int, body: bytes, headers) -> P.APIError:
+    try:
+        e = json.loads(body)["error"]
+        err = P.APIError(status, e["message"], e.get("type") or "server_error", e.get("param"), e.get("code"))
+    except (ValueError, KeyError, TypeError):
+        err = P.APIError(502 if status < 400 else status, f"the worker answered HTTP {status}", "server_error")
+    ra = headers.get("retry-after")
+    err.retry_after = int(ra) if ra and ra.isdigit() else None
+    return err
+
+
+async def _next_event(lines) -> str:
+    while True:
+        line = await anext(lines)
+        if line.startswith("data:"):
+            return line[5:].strip()
+
+
+def _mid_stream_error(worker: str) -> P.APIError:
+    return P.APIError(502, f"the worker serving this request failed mid-generation ({worker}); retry the request",
+                      "server_error", None, "worker_failed")  # fmt: skip
+
+
+def build_app(ctl: Controller) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        ctl.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_connections=None)
+        )
+
+        async def sweep():
+            while True:
+                await asyncio.sleep(max(1.0, ctl.args.heart_beat_expiration / 3))
+                ctl.registry.expire()
+
+        task = asyncio.create_task(sweep())
+        yield
+        task.cancel()
+        await ctl.client.aclose()
+
+    app = FastAPI(title="fastllava controller", lifespan=lifespan)
+    app.add_middleware(LimitsMiddleware, max_body_bytes=ctl.args.max_body_bytes)
+    install_error_handlers(app, logger)
+    reg = ctl.registry
+
+    # ------------------------------------------------------------------------------------ LLaVA routes
+    @app.post("/register_worker")
+    async def register_worker(request: Request):
+        ctl.authorize_worker(request)
+        data = P.parse_json_body(await request.body())
+        name = data.get("worker_name") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name.startswith(("http://", "https://")):
+            raise P.bad_request("'worker_name' must be the worker's http(s) address", "worker_name")
+        status = data.get("worker_status")
+        if not isinstance(status, dict):
+            try:
+                r = await ctl.client.post(name + "/worker_get_status", timeout=5.0)
+                status = r.json()
+            except (httpx.HTTPError, ValueError) as e:
+                raise P.bad_request(f"cannot get the status of {name}: {type(e).__name__}") from e
+        reg.register(name, status, bool(data.get("check_heart_beat", True)))
+        logger.info("registered worker %s serving %s", name, reg.workers[name].model_names)
+        return {"registered": True}
+
+    @app.post("/unregister_worker")
+    async def unregister_worker(request: Request):
+        ctl.authorize_worker(request)
+        data = P.parse_json_body(await request.body())
+        reg.remove(str((data or {}).get("worker_name")), "it asked to leave (draining)")
+        return {"unregistered": True}
+
+    @app.post("/receive_heart_beat")
+    async def receive_heart_beat(request: Request):
+        ctl.authorize_worker(request)
+        data = P.parse_json_body(await request.body())
+        if not isinstance(data, dict):
+            raise P.bad_request("expected a JSON object")
+        return {"exist": reg.heart_beat(str(data.get("worker_name")), int(data.get("queue_length") or 0))}
+
+    @app.post("/refresh_all_workers")
+    async def refresh_all_workers():
+        for name in list(reg.workers):
+            try:
+                r = await ctl.client.post(name + "/worker_get_status", timeout=5.0)
+                reg.register(name, r.json(), reg.workers[name].check_heart_beat)
+            except (httpx.HTTPError, ValueError, KeyError):
+                reg.remove(name, "status check failed")
+        return {}
+
+    @app.post("/list_models")
+    async def list_models():
+        return {"models": reg.models()}
+
+    @app.post("/get_worker_address")
+    async def get_worker_address(request: Request):
+        data = P.parse_json_body(await request.body())
+        return {"address": reg.pick(str((data or {}).get("model"))) or ""}
+
+    @app.post("/worker_get_status")
+    async def worker_get_status():
+        models, speed, queue = set(), 0.0, 0
+        for name in list(reg.workers):
+            try:
+                st = (await ctl.client.post(name + "/worker_get_status", timeout=5.0)).json()
+            except (httpx.HTTPError, ValueError):
+                reg.remove(name, "status check failed")
+                continue
+            models.update(st.get("model_names", []))
+            speed += float(st.get("speed", 0))
+            queue += int(st.get("queue_length", 0))
+        return {"model_names": sorted(models), "speed": speed, "queue_length": queue}
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request):
+        """LLaVA's proxy route: NUL-separated JSON frames from the worker serving ``params["model"]``."""
+        raw = await request.body()
+        params = P.parse_json_body(raw)
+        model = str((params or {}).get("model"))
+        tried: set[str] = set()
+        while (worker := reg.pick(model, tried)) is not None:
+            tried.add(worker)
+            req = ctl.client.build_request("POST", worker + "/worker_generate_stream", content=raw)
+            try:
+                resp = await ctl.client.send(req, stream=True)
+            except httpx.TransportError as e:
+                reg.remove(worker, f"unreachable ({type(e).__name__})")
+                continue
+
+            async def relay(resp=resp, worker=worker):
+                try:
+                    async for piece in resp.aiter_raw():
+                        yield piece
+                except httpx.TransportError:
+                    yield P.llava_frame({"text": str(_mid_stream_error(worker)), "error_code": 3})
+                finally:
+                    await resp.aclose()
+
+            return StreamingResponse(relay())
+        return Response(P.llava_frame({"text": LLAVA_NO_WORKER, "error_code": 2}))
+
+    # ----------------------------------------------------------------------------------- OpenAI routes
+    @app.get("/v1/models")
+    async def v1_models(request: Request):
+        check_api_key(request, ctl.api_keys)
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "fastllava"}
+                                           for m in reg.models()]}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_api_key(request, ctl.api_keys)
+        body = P.parse_json_body(await request.body())
+        if not isinstance(body, dict):
+            raise P.bad_request("request body must be a JSON object")
+        model = body.get("model")
+        if model is None and len(reg.models()) == 1:
+            model = reg.models()[0]
+        if not isinstance(model, str):
+            raise P.bad_request("'model' (a string) is required", "model")
+        stream = body.get("stream") is True
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else True
+        # always stream from the worker: the first event tells us it has started, so retries are safe before it
+        payload = {**body, "model": model, "stream": True, "stream_options": {"include_usage": True}}
+        rid = request_id_var.get()
+        ctl.counters["requests"] += 1
+        worker, resp, lines, first = await until_disconnected(request, ctl.open_stream(model, payload, rid))
+        logger.info("routed a chat request for %s to %s", model, worker)
+
+        async def events():
+            """Worker events after the first, as parsed payloads; an error event if the worker dies."""
+            try:
+                while True:
+                    ev = await _next_event(lines)
+                    yield ev
+                    if ev == "[DONE]":
+                        return
+            except StopAsyncIteration:
+                ctl.counters["failed_mid_stream"] += 1
+                yield json.dumps(_mid_stream_error(worker).body())
+            except httpx.TransportError:
+                ctl.counters["failed_mid_stream"] += 1
+                reg.remove(worker, "the connection broke mid-stream")
+                yield json.dumps(_mid_stream_error(worker).body())
+            finally:
+                await resp.aclose()
+
+        if stream:
+
+            async def relay():
+                try:
+                    yield _sse_raw(first, include_usage)
+                    async with contextlib.aclosing(events()) as evs:
+                        async for ev in evs:
+                            out = _sse_raw(ev, include_usage)
+                            if out:
+                                yield out
+                            if ev.startswith('{"error"'):
+                                yield P.SSE_DONE
+                                return
+                finally:
+                    await resp.aclose()  # also when the client left: the worker sees it and aborts
+
+            return StreamingResponse(relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        async def collect():
+            evs = [json.loads(first)]
+            async for ev in events():
+                if ev == "[DONE]":
+                    break
+                evs.append(json.loads(ev))
+            return evs
+
+        evs = await until_disconnected(request, collect())
+        if "error" in evs[-1]:
+            e = evs[-1]["error"]
+            raise P.APIError(502 if e.get("code") == "worker_failed" else 500, e["message"], e.get("type"),
+                             e.get("param"), e.get("code"))  # fmt: skip
+        text, reason, use = P.assemble(evs)
+        return P.completion(evs[0]["id"], model, text, reason, use, evs[0].get("created"))
+
+    @app.get("/health")
+    async def health():
+        n = len(reg.models())
+        return JSONResponse({"status": "ok" if n else "no_workers", "models": reg.models(),
+                             "workers": len(reg.workers)})  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics():
+        lines = [
+            "# TYPE fastllava_controller_workers gauge",
+            f"fastllava_controller_workers {len(reg.workers)}",
+        ]
+        for k, v in ctl.counters.items():
+            lines += [f"# TYPE fastllava_controller_{k}_total counter", f"fastllava_controller_{k}_total {v}"]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _sse_raw(ev: str, include_usage: bool) -> bytes:
+    """Re-frame a worker event for the client, dropping the usage chunk unless the client asked for it."""
+    if ev == "[DONE]":
+        return P.SSE_DONE
+    if not include_usage:
+        obj = json.loads(ev)
+        if obj.get("object") == "chat.completion.chunk" and not obj.get("choices"):
+            return b""
+    return b"data: " + ev.encode() + b"\n\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=10000)
+    p.add_argument("--dispatch-method", choices=["shortest_queue", "lottery"], default="shortest_queue")
+    p.add_argument("--heart-beat-expiration", type=float, default=90.0, help="seconds without heartbeat (LLaVA's 90)")
+    p.add_argument("--worker-token", default=None, help="shared worker token (else $FASTLLAVA_WORKER_TOKEN)")
+    p.add_argument("--api-key", action="append", help="require this bearer key on /v1 (repeatable)")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ctl = Controller(args)
+    if ctl.token is None:
+        logger.warning("no worker token configured (--worker-token / FASTLLAVA_WORKER_TOKEN): accepting worker "
+                       "registrations from loopback clients only")  # fmt: skip
+    logger.info("controller on http://%s:%d, dispatch %s", args.host, args.port, args.dispatch_method)
+    run_server(build_app(ctl), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from fastllava.mm_utils import StopStrings
 from fastllava.model.language import AttnMetadata, KVCache
 from fastllava.packing import PackedBatch
 
@@ -149,7 +150,7 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     context = torch.tensor(lens, device=device, dtype=torch.long)
     out: list[torch.Tensor] = []
-    texts = [""] * B
+    stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for step in range(max_new_tokens):
@@ -161,11 +162,10 @@ def generate(
             streamer.put(token.cpu())
         if eos:
             finished |= torch.isin(token, eos_t)
-        if stop_strings:
+        if stops is not None:  # decodes a short tail per row: one host sync per step, only when asked
             ids = torch.stack(out, 1).tolist()
             for b in range(B):
-                texts[b] = tokenizer.decode(ids[b], skip_special_tokens=True)
-                if any(s in texts[b] for s in stop_strings):
+                if stops.check(ids[b]):
                     finished[b] = True
         if step == max_new_tokens - 1 or bool(finished.all()):
             break

@@ -7,7 +7,7 @@ installing fastllava never shadows HuggingFace's own `kernels` distribution or a
 `python -m serve.controller` and `torchrun train/train.py` keep working there.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = ("kernels", "csrc", "serve", "train", "eval")
 
@@ -45,7 +45,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastllava", "fastllava.model"] + [f"fastllava.{p}" for p in SUBPACKAGES],
+    packages=find_packages(include=["fastllava", "fastllava.*"])
+    + [f"fastllava.{p}{'.' + sub if sub else ''}" for p in SUBPACKAGES for sub in ["", *find_packages(where=p)]],
     package_dir={"fastllava": "fastllava", **{f"fastllava.{p}": p for p in SUBPACKAGES}},
     package_data={"fastllava.csrc": ["*.cu", "*.cpp", "*.h"], "fastllava": ["assets/**/*"]},
     include_package_data=True,

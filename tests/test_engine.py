@@ -333,3 +333,12 @@ def test_engine_metrics_while_running(model):
     m = eng.metrics()
     assert m.num_running == 4 and m.num_waiting == 4 and 0 < m.kv_usage < 1 and m.kv_blocks_used > 0
     assert m.num_steps == 1 and m.num_generated_tokens == 4 and m.encoder_images_run > 0
+
+
+def test_nf4_quantized_model_runs_unchanged():
+    quantization = pytest.importorskip("fastllava.quantization")
+    m = quantization.quantize_model_(_model("llama"))  # module swap at load time: the engine is unaware
+    assert any(type(x).__name__ == "Linear4bit" for x in m.modules())
+    reqs = _requests(m.config, 8, seed=11)
+    together, _ = _run_together(m, reqs)
+    assert together == _run_alone(m, reqs)

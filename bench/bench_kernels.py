@@ -12,8 +12,8 @@ images x 576 CLIP-L/14-336 tokens (width 1024) to 4096; the scatter writes them 
 GPU gates (h100/h200): RMSNorm and rotary >= 0.85 x copy bandwidth and >= 1.0 x Liger and torch.compile;
 projector >= 1.1 x eager forward (>= 1.0 x in the backward, which is three GEMMs whatever is fused);
 scatter >= 10 x masked_scatter forward (>= 1.0 x in the backward).
-CPU (fp32, small shapes): `ours` is the reference behind the kernel switch, so the gate is that the dispatch costs
-less than half of the op (ratio to eager >= 0.67); everything else is recorded.
+CPU (fp32, small shapes): `ours` is the reference behind the kernel switch, so the gate is that the dispatch does
+not double the op's time (ratio to eager >= 0.5); everything else is recorded.
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ SHAPES = {
     },
 }
 
+# 0.5, not tighter: p20 ratios of identical code ranged 0.69-2.9x across runs on the loaded 2-core machine.
 CPU_DISPATCH = Gate(
     "eager",
-    0.67,
+    0.5,
     devices=("cpu",),
-    why="on CPU ours is the reference behind the kernel switch; the dispatch must cost < 50% of the op",
+    why="on CPU ours is the reference behind the kernel switch; the dispatch must not double the op's time",
 )
 BANDWIDTH_GATES = [
     Gate("copy", 0.85, GPU, why="memory-bound op: >= 85% of a d2d copy of the same bytes"),

@@ -65,19 +65,23 @@ def cuda_gemv_status() -> str:
     return "ok" if cuda_gemv_available() else str(_build_error)
 
 
-def _cuda_eligible(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, K: int, blocksize: int) -> bool:
+def _cuda_eligible(
+    x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, N: int, K: int, blocksize: int
+) -> bool:
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and x.dim() == 2
         and 1 <= x.shape[0] <= CUDA_GEMV_MAX_ROWS
         and K % 32 == 0
+        and (N * K) % blocksize == 0
         and blocksize >= 32
         and blocksize & (blocksize - 1) == 0
         and qweight.is_contiguous()
         and x.data_ptr() % 16 == 0
         and qweight.data_ptr() % 16 == 0
         and absmax.is_contiguous()
+        and absmax.is_cuda
     )
 
 
@@ -99,9 +103,8 @@ def nf4_gemv(
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if (torch.is_grad_enabled() and x.requires_grad) or not _cuda_eligible(
-        x2, qweight, absmax, K, blocksize
-    ):  # the CUDA kernel has no backward
+    needs_grad = torch.is_grad_enabled() and x.requires_grad  # the CUDA kernel has no backward
+    if needs_grad or not _cuda_eligible(x2, qweight, absmax, N, K, blocksize):
         return nf4_matmul(x, qweight, absmax, shape, blocksize, bias, nested, quant_type)
     ext = _load_extension()
     if ext is None:

@@ -549,6 +549,7 @@ def lora_layer_class() -> type:
                 if adapter in self.lora_A:
                     self._merge_delta(-1.0, adapter)
 
+    LoraLinear4bit.__qualname__ = "LoraLinear4bit"
     return LoraLinear4bit
 
 

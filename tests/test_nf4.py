@@ -484,8 +484,19 @@ def test_quantize_model_8bit_without_bitsandbytes(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CUDA GEMV (GPU only)
+# CUDA GEMV (GPU only; on CPU the shim falls back to the same result)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cuda_gemv_shim_falls_back_on_cpu(torch_mode):
+    from fastllava.csrc.nf4 import cuda_gemv_status, nf4_gemv
+
+    packed, st = quantize_nf4(_weights((32, 64), 10), 64, True)
+    x = torch.randn(2, 64)
+    expected = nf4_matmul_ref(x, packed, st.absmax, (32, 64), 64, None, st.nested)
+    assert torch.equal(nf4_gemv(x, packed, st.absmax, (32, 64), 64, None, st.nested), expected)
+    if not torch.cuda.is_available():
+        assert cuda_gemv_status() != "ok"
 
 
 @pytest.mark.gpu

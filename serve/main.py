@@ -2,6 +2,7 @@
 
 fastllava demo                 # one question about a generated picture, answered by the embedded default model
 fastllava chat [--image-file F] [--model-path DIR]   # interactive chat (serve.cli), default model unless told
+fastllava serve [--model-path DIR] [--port 7860]     # controller + worker + web UI (serve.launcher); Ctrl-C stops
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     chat = sub.add_parser("chat", help="interactive chat (arguments as `python -m serve.cli`)")
     chat.add_argument("rest", nargs=argparse.REMAINDER)
+    from . import launcher
+
+    launcher.add_arguments(sub.add_parser("serve", help="controller + worker + web UI on the default model"))
     args = p.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "serve":
+        return launcher.run_stack(args)
     from . import cli
 
     rest = list(args.rest)

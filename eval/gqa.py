@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("score")
     s.add_argument("--questions", required=True)
     s.add_argument("--predictions", required=True)
+    s.add_argument("--metrics", default=None, help="also write the metrics as JSON here (for eval.summary)")
     a = p.parse_args(argv)
     if a.cmd == "convert":
         print(f"wrote {len(convert_for_eval(a.src, a.dst))} predictions to {a.dst}")
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         r = score_gqa(json.loads(Path(a.questions).read_text()), json.loads(Path(a.predictions).read_text()))
         for k in ("binary", "open", "accuracy", "consistency"):
             print(f"{k.capitalize()}: {r[k]:.2f}%")
+        if a.metrics:
+            Path(a.metrics).write_text(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--annotation-file", required=True)
     p.add_argument("--result-file", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--metrics", default=None, help="seed: also write the accuracies as JSON here")
     a = p.parse_args(argv)
     if a.task == "mmbench":
         n = mmbench_submission(a.annotation_file, a.result_file, a.output)
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {acc:.2f}%")
         print(f"Total accuracy: {s['accuracy']:.2f}%")
         print(f"image accuracy: {s['image']:.2f}%\nvideo accuracy: {s['video']:.2f}%")
+        if a.metrics:
+            Path(a.metrics).write_text(json.dumps(s, indent=1))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--annotation-file")
     p.add_argument("--question-file")
     p.add_argument("--result-file", required=True)
-    p.add_argument("--output")
+    p.add_argument("--output", help="vqav2-submission: the upload file")
+    p.add_argument("--metrics", default=None, help="also write the metrics as JSON here (for eval.summary)")
     a = p.parse_args(argv)
     if a.task == "textvqa":
         r = score_textvqa(a.annotation_file, a.result_file)
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         r = vqav2_submission(a.question_file, a.result_file, a.output)
         print(f"total results: {r['results']}, total split: {r['split']}, error_line: {r['error_lines']}")
+        return
+    if a.metrics:
+        Path(a.metrics).write_text(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ histograms are fed as requests finish, from the engine's per-request metrics.
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fastllava.engine import RequestMetrics
 
@@ -36,6 +36,11 @@ class _EngineGauges:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([model], float(v or 0))
             yield g
+        c = CounterMetricFamily(
+            "fastllava:request_aborted", "Requests aborted (client gone, drain)", labels=["model_name"]
+        )
+        c.add_metric([model], float(m.num_aborted if m else 0))
+        yield c
 
 
 class WorkerMetrics:

@@ -6,6 +6,8 @@ and defines its kernels only when triton is installed (`dispatch.HAS_TRITON`), s
 """
 
 from fastllava.kernels.dispatch import get_kernels, set_kernels, use_triton
+from fastllava.kernels.nf4_dequantize import NestedAbsmax, nf4_dequantize, nf4_dequantize_ref
+from fastllava.kernels.nf4_matmul import nf4_matmul, nf4_matmul_ref
 from fastllava.kernels.projector_mlp import projector_mlp, projector_mlp_ref
 from fastllava.kernels.rms_norm import rms_norm, rms_norm_ref
 from fastllava.kernels.rotary import apply_rotary, apply_rotary_, apply_rotary_ref, rotary_cos_sin
@@ -20,6 +22,11 @@ __all__ = [
     "get_kernels",
     "set_kernels",
     "use_triton",
+    "NestedAbsmax",
+    "nf4_dequantize",
+    "nf4_dequantize_ref",
+    "nf4_matmul",
+    "nf4_matmul_ref",
     "projector_mlp",
     "projector_mlp_ref",
     "rms_norm",

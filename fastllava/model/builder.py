@@ -55,11 +55,28 @@ def _default_dtype(device: str, dtype: torch.dtype | str | None) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
+BNB_SUFFIX = ".weight.quant_state.bitsandbytes__"
+
+
 def build_model(config: LlavaConfig, state: dict[str, torch.Tensor], device, dtype) -> LlavaModel:
-    """Instantiate on the meta device and assign the weights (no random init of a 7B model)."""
+    """Instantiate on the meta device and assign the weights (no random init of a 7B model).
+
+    A pre-quantized bitsandbytes 4-bit checkpoint (``*.weight.quant_state.bitsandbytes__nf4`` entries) gets
+    our ``Linear4bit`` at those linears, holding the packed weights as stored: no bitsandbytes needed.
+    """
     with torch.device("meta"):
         model = LlavaModel(config)
-    expected = model.state_dict()
+    quantized = sorted({k[: k.index(BNB_SUFFIX)] for k in state if BNB_SUFFIX in k})
+    if quantized:
+        from fastllava.quantization import Linear4bit, load_bnb_4bit_state_dict_
+
+        model.to_empty(device="cpu")
+        load_bnb_4bit_state_dict_(model, state, strict=False, compute_dtype=dtype)
+        state = {k: v for k, v in state.items() if not any(k.startswith(q + ".") for q in quantized)}
+        four_bit = {n for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    else:
+        four_bit = set()
+    expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(q + ".") for q in four_bit)}
     tied = config.text.tie_word_embeddings
     if tied:
         state.pop("language_model.lm_head.weight", None)
@@ -79,6 +96,7 @@ def build_model(config: LlavaConfig, state: dict[str, torch.Tensor], device, dty
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.language_model.lm_head.weight = model.language_model.embed_tokens.weight
+    # 4-bit modules keep their packed weights and fp32 statistics; only their device changes
     return model.to(device)
 
 

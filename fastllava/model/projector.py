@@ -38,8 +38,9 @@ class Projector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.depth == 0:
             return x
-        if self.depth == 2:
-            l1, l2 = self.linear_1, self.linear_2
+        l1, l2 = getattr(self, "linear_1", None), getattr(self, "linear_2", None)
+        # the fused op needs plain weights; swapped-in modules (4-bit, LoRA-wrapped) run one by one
+        if self.depth == 2 and type(l1) is nn.Linear and type(l2) is nn.Linear:
             return projector_mlp(x, l1.weight, l1.bias, l2.weight, l2.bias)
         x = self.linear_1(x)
         for i in range(2, self.depth + 1):

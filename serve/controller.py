@@ -375,7 +375,8 @@ def build_app(ctl: Controller) -> FastAPI:
                 finally:
                     await resp.aclose()  # also when the client left: the worker sees it and aborts
 
-            return StreamingResponse(relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            headers = {"Cache-Control": "no-cache", "X-Fastllava-Worker": worker}
+            return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
 
         async def collect():
             evs = [json.loads(first)]
@@ -391,7 +392,8 @@ def build_app(ctl: Controller) -> FastAPI:
             raise P.APIError(502 if e.get("code") == "worker_failed" else 500, e["message"], e.get("type"),
                              e.get("param"), e.get("code"))  # fmt: skip
         text, reason, use = P.assemble(evs)
-        return P.completion(evs[0]["id"], model, text, reason, use, evs[0].get("created"))
+        answer = P.completion(evs[0]["id"], model, text, reason, use, evs[0].get("created"))
+        return JSONResponse(answer, headers={"X-Fastllava-Worker": worker})
 
     @app.get("/health")
     async def health():

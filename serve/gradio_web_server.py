@@ -19,6 +19,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,20 @@ class WebServer:
         (self.log_dir / "images").mkdir(parents=True, exist_ok=True)
         self.api_key = args.api_key
         self.timeout = args.request_timeout
+        # conversations live here, keyed by an id held in the page's gr.State (gradio copies state values)
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.max_sessions = 10_000
+
+    def session(self, sid: str | None) -> Session:
+        """The conversation with id ``sid`` (a new one if unknown); least recently used ones are dropped."""
+        s = self.sessions.get(sid or "")
+        if s is None:
+            s = Session()
+            self.sessions[s.id] = s
+            while len(self.sessions) > self.max_sessions:
+                self.sessions.popitem(last=False)
+        self.sessions.move_to_end(s.id)
+        return s
 
     # ------------------------------------------------------------------------------------------- models
     def models(self) -> list[str]:
@@ -92,10 +107,11 @@ class WebServer:
         return out
 
     # ------------------------------------------------------------------------------------------ actions
-    def add_text(self, session: Session, text: str, image, mode: str):
+    def add_text(self, sid: str | None, text: str, image, mode: str):
+        session = self.session(sid)
         text = (text or "").strip()
         if not text and image is None:
-            return session, session.display, text, image
+            return session.id, session.display, text, image
         content, shown = [], []
         if image is not None:
             sha, path = self.store_image(image, mode)
@@ -106,12 +122,13 @@ class WebServer:
             shown.append(text)
         session.messages.append({"role": "user", "content": content})
         session.display.append({"role": "user", "content": shown})
-        return session, session.display, "", None
+        return session.id, session.display, "", None
 
-    def bot(self, session: Session, model: str | None, temperature: float, top_p: float, max_tokens: int):
+    def bot(self, sid: str | None, model: str | None, temperature: float, top_p: float, max_tokens: int):
         """Stream the answer to the last user turn into the chatbot."""
+        session = self.session(sid)
         if not session.messages or session.messages[-1]["role"] != "user":
-            yield session, session.display
+            yield session.id, session.display, ""
             return
         session.display.append({"role": "assistant", "content": ""})
         if not model:
@@ -119,7 +136,7 @@ class WebServer:
         if not model:
             session.display[-1]["content"] = NO_MODEL
             session.messages.pop()
-            yield session, session.display
+            yield session.id, session.display, "no model"
             return
         body = {"model": model, "messages": self._api_messages(session), "stream": True,
                 "temperature": float(temperature), "top_p": float(top_p), "max_tokens": int(max_tokens)}  # fmt: skip
@@ -142,7 +159,7 @@ class WebServer:
                         for ch in ev.get("choices") or []:
                             text += (ch.get("delta") or {}).get("content") or ""
                         session.display[-1]["content"] = text + " ▌"
-                        yield session, session.display
+                        yield session.id, session.display, "generating…"
         except httpx.ConnectError:
             error = f"cannot reach the controller at {self.controller}; is it running?"
         except (httpx.HTTPError, ValueError) as e:
@@ -151,28 +168,31 @@ class WebServer:
             logger.warning("session %s: request failed: %s", session.id, error)
             session.display[-1]["content"] = f"⚠️ The request failed: {error}" + (f"\n\n{text}" if text else "")
             session.messages.pop()  # the turn can be sent again
-            yield session, session.display
+            yield session.id, session.display, "request failed"
             return
         text = text.strip() or "(the model returned an empty answer)"
         session.display[-1]["content"] = text
         session.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        logger.info("session %s: answered in %.2fs", session.id, time.perf_counter() - t0)
-        yield session, session.display
+        dt = time.perf_counter() - t0
+        logger.info("session %s: answered in %.2fs", session.id, dt)
+        yield session.id, session.display, f"answered in {dt:.1f}s"
 
-    def regenerate(self, session: Session):
+    def regenerate(self, sid: str | None):
+        session = self.session(sid)
         if session.messages and session.messages[-1]["role"] == "assistant":
             session.messages.pop()
             session.display.pop()
         elif session.display and session.display[-1]["role"] == "assistant":
             session.display.pop()  # a failed answer: only shown, never sent
-        return session, session.display
+        return session.id, session.display
 
     def clear(self):
-        s = Session()
-        return s, s.display, "", None
+        s = self.session(None)
+        return s.id, s.display, "", None
 
-    def vote(self, kind: str, session: Session, model: str | None) -> None:
+    def vote(self, kind: str, sid: str | None, model: str | None) -> None:
         """Append the conversation and the vote to today's log (images by hash)."""
+        session = self.session(sid)
         record = {"tstamp": round(time.time(), 3), "type": kind, "model": model, "session": session.id,
                   "messages": session.messages}  # fmt: skip
         path = self.log_dir / f"conv-{datetime.date.today().isoformat()}.jsonl"
@@ -193,7 +213,7 @@ def _error_message(status: int, body: bytes) -> str:
 
 def build_demo(web: WebServer) -> gr.Blocks:
     with gr.Blocks(title="fastllava", analytics_enabled=False) as demo:
-        session = gr.State(Session())
+        session = gr.State("")  # the conversation's id in WebServer.sessions
         gr.Markdown("# fastllava\nAsk about an image: upload it, type a question, press Send.")
         with gr.Row():
             with gr.Column(scale=3):
@@ -208,6 +228,7 @@ def build_demo(web: WebServer) -> gr.Blocks:
                     max_tokens = gr.Slider(1, 1024, value=512, step=1, label="Max output tokens")
             with gr.Column(scale=8):
                 chatbot = gr.Chatbot(elem_id="chatbot", label="fastllava", height=550)
+                status = gr.Markdown("", elem_id="status")
                 with gr.Row():
                     textbox = gr.Textbox(show_label=False, placeholder="Enter text and press ENTER", elem_id="textbox",
                                          scale=8)  # fmt: skip
@@ -221,9 +242,11 @@ def build_demo(web: WebServer) -> gr.Blocks:
         params = [model, temperature, top_p, max_tokens]
         for trigger in (send.click, textbox.submit):
             trigger(web.add_text, [session, textbox, image, mode], [session, chatbot, textbox, image]).then(
-                web.bot, [session, *params], [session, chatbot]
+                web.bot, [session, *params], [session, chatbot, status]
             )
-        regen.click(web.regenerate, [session], [session, chatbot]).then(web.bot, [session, *params], [session, chatbot])
+        regen.click(web.regenerate, [session], [session, chatbot]).then(
+            web.bot, [session, *params], [session, chatbot, status]
+        )
         clear.click(web.clear, None, [session, chatbot, textbox, image])
         for btn, kind in ((up, "upvote"), (down, "downvote"), (flag, "flag")):
             btn.click(lambda s, m, kind=kind: web.vote(kind, s, m), [session, model], None)

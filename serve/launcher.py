@@ -41,7 +41,10 @@ class Proc:
         self.log_path = Path(log_dir) / f"{name}.log"
         self._log = open(self.log_path, "wb")
         cwd = Path(__file__).resolve().parents[1] if PKG == "serve" else None  # a checkout: serve/ importable
-        self.popen = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        # own session: a Ctrl-C in the terminal reaches only the launcher, which stops the parts in order
+        self.popen = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
 
     def alive(self) -> bool:
         return self.popen.poll() is None

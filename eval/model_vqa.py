@@ -61,7 +61,7 @@ def build_parser(fmt: str = "jsonl", max_new_tokens: int = 1024) -> argparse.Arg
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="start a fresh answers file instead of resuming")
     p.add_argument("--server-url", type=str, default=None, help="answer through an OpenAI-compatible server")
-    p.add_argument("--server-model", type=str, default="default")
+    p.add_argument("--server-model", type=str, default=None, help="default: the first model the server lists")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(format=fmt)
     return p
@@ -99,7 +99,8 @@ def _conv_mode(args, model_name: str) -> str:
 def make_backend(args, device: str):
     """(backend, model name) for the arguments: a server client, or a local model behind the engine / generate."""
     if args.server_url:
-        return ServerBackend(args.server_url, args.server_model, concurrency=args.batch_size or 16), args.server_model
+        backend = ServerBackend(args.server_url, args.server_model, concurrency=args.batch_size or 16)
+        return backend, backend.resolve_model()
     if not args.model_path:
         raise SystemExit("error: --model-path (or --server-url) is required")
     from fastllava.mm_utils import get_model_name_from_path

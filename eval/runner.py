@@ -267,16 +267,26 @@ class ServerBackend:
     """Answers through an OpenAI-compatible server; the server applies its own conversation template."""
 
     base_url: str
-    model: str = "default"
+    model: str | None = None  # None: the first model the server lists at /v1/models
     api_key: str = "EMPTY"
     concurrency: int = 16
     timeout: float = 300.0
     max_retries: int = 2
 
-    def run(self, questions: Sequence[Question], params: GenParams) -> Iterator[tuple[int, str, dict]]:
+    def client(self):
         from .gpt_review import openai_client
 
-        client = openai_client(self.base_url, self.api_key, self.timeout, self.max_retries)
+        return openai_client(self.base_url, self.api_key, self.timeout, self.max_retries)
+
+    def resolve_model(self) -> str:
+        """The model to ask for: the one given, else the first the server lists."""
+        if self.model is None:
+            self.model = self.client().models.list().data[0].id
+        return self.model
+
+    def run(self, questions: Sequence[Question], params: GenParams) -> Iterator[tuple[int, str, dict]]:
+        client = self.client()
+        self.resolve_model()
 
         def ask(i: int, q: Question) -> tuple[int, str, dict]:
             content: list[dict] = [{"type": "text", "text": q.text}]

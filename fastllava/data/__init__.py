@@ -1,0 +1,6 @@
+"""Training data: LLaVA-format datasets with per-template label masking, packing, and the synthetic shapes set.
+
+    from fastllava.data.dataset import SupervisedDataset, collate
+    from fastllava.data.sampler import MicroBatchSampler
+    python -m fastllava.data.synthetic --out DIR --seed 0
+"""

@@ -1,0 +1,98 @@
+"""Exact-match accuracy of a checkpoint on held-out single-question samples (the synthetic set's ``eval.json``).
+
+    python -m train.evaluate --model /tmp/run --data /tmp/shapes/eval.json --image_folder /tmp/shapes/images
+
+Prompts are rendered with the conversation template exactly as at serving time (``conv.get_prompt()`` with the
+assistant turn left open) and answered by greedy decoding over packed batches; the first word of the answer
+is compared with the record's ``answer`` (or its last ``gpt`` turn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from fastllava.conversation import conv_templates
+from fastllava.data.synthetic import normalize_answer
+from fastllava.image_io import load_image
+from fastllava.mm_utils import process_images, tokenizer_image_token
+from fastllava.packing import ImageInput, pack
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, processor, prompts: list[str], images: list, max_new_tokens: int = 4) -> list[str]:
+    """Greedy continuation of each prompt (one image each, or None), all prompts packed into one stream."""
+    seqs = [tokenizer_image_token(p, tokenizer) for p in prompts]
+    pixels = process_images([im for im in images if im is not None], processor, model.config) if any(images) else []
+    inputs, k = [], 0
+    for im in images:
+        if im is None:
+            inputs.append([])
+        else:
+            inputs.append([ImageInput(pixels[k].unsqueeze(0), (im.height, im.width))])
+            k += 1
+    out = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    eos = tokenizer.eos_token_id
+    for _ in range(max_new_tokens):
+        batch = pack([s + o for s, o in zip(seqs, out, strict=True)], inputs, model.config).to(model.device)
+        hidden = model.forward_packed(batch)
+        nxt = model.logits(hidden[batch.last_token_index()]).argmax(-1).tolist()
+        for i, t in enumerate(nxt):
+            if not done[i]:
+                if t == eos:
+                    done[i] = True
+                else:
+                    out[i].append(t)
+        if all(done):
+            break
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
+
+
+def evaluate(model, tokenizer, processor, data_path, image_folder, template: str = "llava_v1", batch_size: int = 64):
+    """Returns (accuracy, per-kind accuracy, n)."""
+    records = json.loads(Path(data_path).read_text())
+    correct, per_kind, total_kind = 0, Counter(), Counter()
+    model.eval()
+    for s in range(0, len(records), batch_size):
+        chunk = records[s : s + batch_size]
+        prompts, images, answers = [], [], []
+        for r in chunk:
+            conv = conv_templates[template].copy()
+            conv.append_message(conv.roles[0], r["conversations"][0]["value"])
+            conv.append_message(conv.roles[1], None)
+            prompts.append(conv.get_prompt())
+            images.append(load_image(str(Path(image_folder) / r["image"])) if r.get("image") else None)
+            answers.append(r.get("answer") or r["conversations"][-1]["value"])
+        for r, pred, ans in zip(
+            chunk, greedy_answers(model, tokenizer, processor, prompts, images), answers, strict=True
+        ):
+            ok = normalize_answer(pred) == normalize_answer(ans)
+            correct += ok
+            kind = r.get("kind", "all")
+            per_kind[kind] += ok
+            total_kind[kind] += 1
+    n = len(records)
+    return correct / max(n, 1), {k: per_kind[k] / total_kind[k] for k in total_kind}, n
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fastllava.model.builder import load_pretrained_model
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--image_folder", required=True)
+    p.add_argument("--template", default="llava_v1")
+    a = p.parse_args(argv)
+    tok, model, proc, _ = load_pretrained_model(a.model, device="cpu", dtype=torch.float32)
+    acc, kinds, n = evaluate(model, tok, proc, a.data, a.image_folder, a.template)
+    print(json.dumps({"accuracy": round(acc, 4), "n": n, "per_kind": {k: round(v, 4) for k, v in kinds.items()}}))
+
+
+if __name__ == "__main__":
+    main()

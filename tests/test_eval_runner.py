@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fastllava.default_model import ASSET_DIR
 from fastllava.eval import answers as A
 from fastllava.eval import embedded, model_vqa, model_vqa_mmbench, model_vqa_science, summary
 from fastllava.eval.questions import load_mmbench, load_science_qa, load_vqa_jsonl
@@ -226,3 +227,20 @@ def test_beam_search_is_refused(ckpt, shapes, tmp_path):
             "--answers-file", str(tmp_path / "x.jsonl"), "--num_beams", "3"]  # fmt: skip
     assert model_vqa.main(argv) == 2
     assert not os.path.exists(tmp_path / "x.jsonl")
+
+
+@pytest.mark.skipif(
+    not (ASSET_DIR / "config.json").is_file(),
+    reason="the trained default model is not shipped in this checkout",
+)
+def test_default_model_reproduces_train_evaluate(tmp_path):
+    """The trained default model on the held-out split: the accuracy ``train.evaluate`` reports, per kind too."""
+    from fastllava.default_model import default_model_path
+    from fastllava.train.evaluate import evaluate
+
+    data = tmp_path / "shapes"
+    m = embedded.run_embedded(out=tmp_path / "emb", data_dir=data, seed=0, n_eval=500, extra_args=["--no-progress"])
+    tok, model, proc, _ = load_pretrained_model(str(default_model_path()), device="cpu")
+    acc, kinds, n = evaluate(model, tok, proc, data / "eval.json", data / "images", "llava_v1")
+    assert m["samples"] == n and m["accuracy"] == pytest.approx(100 * acc)
+    assert m["per_kind"] == pytest.approx({k: 100 * v for k, v in kinds.items()})

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def answer_key(record: dict) -> tuple:
     return (json.dumps(record["question_id"]), record.get("round_id", 0))
 
 
-def load_done(path: str | Path) -> dict[tuple, dict]:
-    """Answers already in a (possibly partial) answers file, by ``answer_key``.
+def load_done(path: str | Path) -> Counter:
+    """How many answers a (possibly partial) answers file already holds for each ``answer_key``.
 
     A run killed mid-write can leave a last line without its newline or cut in half: the file is truncated
     back to its last complete, parseable line, so appending resumes cleanly.
@@ -64,7 +65,7 @@ def load_done(path: str | Path) -> dict[tuple, dict]:
     if not path.exists():
         return {}
     raw = path.read_bytes()
-    done: dict[tuple, dict] = {}
+    done: Counter = Counter()
     good_end = 0
     pos = 0
     for line in raw.splitlines(keepends=True):
@@ -79,7 +80,7 @@ def load_done(path: str | Path) -> dict[tuple, dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             break
-        done[answer_key(rec)] = rec
+        done[answer_key(rec)] += 1
         good_end = end
     if good_end != len(raw):
         with open(path, "r+b") as f:
@@ -109,6 +110,19 @@ class AnswerWriter:
         self.close()
 
 
+def remaining(questions: Sequence, done: Counter) -> list:
+    """The questions still to answer: for each key, the first ``done[key]`` occurrences are answered already
+    (question files may repeat an id; each occurrence is its own question)."""
+    left = Counter(done)
+    todo = []
+    for q in questions:
+        if left[q.key] > 0:
+            left[q.key] -= 1
+        else:
+            todo.append(q)
+    return todo
+
+
 def chunk_file(answers_file: str | Path, num_chunks: int, chunk_idx: int) -> Path:
     """Where chunk ``chunk_idx`` writes when one command runs every chunk: ``<stem>.chunks/<n>_<i>.jsonl``
     (LLaVA's scripts name chunk files ``$CHUNKS_$IDX.jsonl``)."""
@@ -117,18 +131,32 @@ def chunk_file(answers_file: str | Path, num_chunks: int, chunk_idx: int) -> Pat
 
 
 def merge_files(inputs: Iterable[str | Path], output: str | Path, order: Sequence[tuple] | None = None) -> int:
-    """Concatenate chunk answer files into ``output``, dropping duplicate answers (first one wins).
+    """Concatenate chunk answer files into ``output``, dropping repeated lines (the same ``answer_id``).
 
-    With ``order`` (answer keys in question order), the merged file follows it. Returns the number of answers.
+    With ``order`` (answer keys in question order), the merged file follows it (stable for repeated question
+    ids). Returns the number of answers.
     """
-    seen: dict[tuple, dict] = {}
+    records: list[dict] = []
+    ids: set[str] = set()
     for path in inputs:
         for rec in read_jsonl(path):
-            seen.setdefault(answer_key(rec), rec)
-    records = list(seen.values())
+            aid = rec.get("answer_id")
+            if aid is not None and aid in ids:
+                continue
+            ids.add(aid)
+            records.append(rec)
     if order is not None:
-        rank = {k: i for i, k in enumerate(order)}
-        records.sort(key=lambda r: rank.get(answer_key(r), len(rank)))
+        positions: dict[tuple, list[int]] = {}
+        for i, k in enumerate(order):
+            positions.setdefault(k, []).append(i)
+        taken: Counter = Counter()
+        ranks = []
+        for r in records:  # the n-th answer of a key takes the n-th position of that key
+            k = answer_key(r)
+            slots = positions.get(k, [])
+            ranks.append(slots[taken[k]] if taken[k] < len(slots) else len(order))
+            taken[k] += 1
+        records = [r for _, r in sorted(zip(ranks, records, strict=True), key=lambda x: x[0])]
     out = Path(os.path.expanduser(str(output)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out-dir", required=True)
     s = sub.add_parser("score")
     s.add_argument("--results-dir", required=True)
-    s.add_argument("--output", default=None)
+    s.add_argument("--output", "--metrics", dest="output", default=None, help="the sheet as JSON")
     a = p.parse_args(argv)
     if a.cmd == "convert":
         print(json.dumps(convert_answers(a.answers, a.gt_dir, a.out_dir)))

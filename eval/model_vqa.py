@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .answers import AnswerWriter, chunk_file, get_chunk, load_done, merge_files, short_uuid
+from .answers import AnswerWriter, chunk_file, get_chunk, load_done, merge_files, remaining, short_uuid
 from .questions import Question, load_mmbench, load_science_qa, load_vqa_jsonl
 from .runner import EngineBackend, GenParams, ServerBackend, StaticBackend, answer_all
 
@@ -134,9 +134,12 @@ def run(args) -> Path:
     if args.overwrite and out_file.exists():
         out_file.unlink()
     done = load_done(out_file)
-    todo = [q for q in questions if q.key not in done]
+    todo = remaining(questions, done)
     params = GenParams(args.temperature, args.top_p, args.max_new_tokens, args.num_beams, args.seed)
-    print(f"{len(questions)} questions in chunk {args.chunk_idx}/{args.num_chunks}: {len(done)} already answered")
+    print(
+        f"{len(questions)} questions in chunk {args.chunk_idx}/{args.num_chunks}: {len(questions) - len(todo)} "
+        "already answered"
+    )
     if todo:
         backend, model_name = make_backend(args, device)
         _answer(todo, backend, params, model_name, out_file, len(questions), len(questions) - len(todo), args)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--annotation-dir", required=True)
     p.add_argument("--question-file", required=True)
     p.add_argument("--result-file", required=True)
-    p.add_argument("--output", default=None, help="also write the metrics as JSON here")
+    p.add_argument("--output", "--metrics", dest="output", default=None, help="also write the metrics as JSON here")
     a = p.parse_args(argv)
     r = score_pope(a.annotation_dir, a.question_file, a.result_file)
     for cat, m in r["categories"].items():

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-dir", required=True)
     p.add_argument("--result-file", required=True)
     p.add_argument("--output-file", default=None, help="per-problem analysis (correct / incorrect)")
-    p.add_argument("--output-result", default=None, help="accuracy, counts, parsed answers")
+    p.add_argument(
+        "--output-result", "--metrics", dest="output_result", default=None, help="accuracy, counts, parsed answers"
+    )
     p.add_argument("--split", default="test")
     a = p.parse_args(argv)
     summary, results = score_science_qa(a.base_dir, a.result_file, a.split)

@@ -244,3 +244,19 @@ def test_default_model_reproduces_train_evaluate(tmp_path):
     acc, kinds, n = evaluate(model, tok, proc, data / "eval.json", data / "images", "llava_v1")
     assert m["samples"] == n and m["accuracy"] == pytest.approx(100 * acc)
     assert m["per_kind"] == pytest.approx({k: 100 * v for k, v in kinds.items()})
+
+
+def test_repeated_question_ids_resume_and_merge(tmp_path):
+    """A question file may repeat an id: each occurrence is answered once, on resume and through a merge."""
+    from fastllava.eval.questions import Question
+
+    qs = [Question("a", "t1", "t1"), Question("b", "t2", "t2"), Question("a", "t3", "t3")]
+    f = tmp_path / "ans.jsonl"
+    f.write_text(json.dumps({"question_id": "a", "text": "x", "answer_id": "1"}) + "\n")
+    assert [q.text for q in A.remaining(qs, A.load_done(f))] == ["t2", "t3"]
+    g = tmp_path / "more.jsonl"
+    g.write_text("".join(json.dumps({"question_id": k, "text": k, "answer_id": i}) + "\n"
+                         for k, i in (("b", "2"), ("a", "3"), ("a", "1"))))  # fmt: skip
+    n = A.merge_files([f, g], tmp_path / "m.jsonl", order=[q.key for q in qs])
+    assert n == 3  # answer "1" appears in both files: kept once
+    assert [r["answer_id"] for r in A.read_jsonl(tmp_path / "m.jsonl")] == ["1", "2", "3"]  # a, b, a

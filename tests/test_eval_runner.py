@@ -260,3 +260,17 @@ def test_repeated_question_ids_resume_and_merge(tmp_path):
     n = A.merge_files([f, g], tmp_path / "m.jsonl", order=[q.key for q in qs])
     assert n == 3  # answer "1" appears in both files: kept once
     assert [r["answer_id"] for r in A.read_jsonl(tmp_path / "m.jsonl")] == ["1", "2", "3"]  # a, b, a
+
+
+def test_question_too_long_for_the_engine_is_recorded_not_fatal(loaded, shapes):
+    from fastllava.engine import EngineConfig
+
+    tok, model, proc, _ = loaded
+    qs = load_vqa_jsonl(str(shapes / "llava_questions.jsonl"), str(shapes / "images"))[:3]
+    qs[1].text = "why " * 200  # far past the 128-token context below
+    backend = EngineBackend(model, tok, proc, "llava_v1", batch_size=2,
+                            engine_config=EngineConfig(max_num_seqs=2, max_model_len=128))  # fmt: skip
+    got = {i: (t, meta) for i, t, meta in answer_all(qs, backend, GenParams(temperature=0, max_new_tokens=4))}
+    assert sorted(got) == [0, 1, 2]
+    assert got[1][0] == "" and "does not fit" in got[1][1]["error"]
+    assert got[0][1] == {} and got[2][1] == {}

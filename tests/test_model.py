@@ -224,9 +224,19 @@ def test_cli_one_shot_matches_library_and_interactive(tmp_path, tiny):
     path = _saved(tmp_path / "tiny-llava-v1", tiny)
     img = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img)
-    base = [sys.executable, "-m", "serve.cli", "--model-path", str(path), "--image-file", str(img), "--device", "cpu"]
+    base = [
+        sys.executable,
+        "-m",
+        "fastllava.serve.cli",
+        "--model-path",
+        str(path),
+        "--image-file",
+        str(img),
+        "--device",
+        "cpu",
+    ]
     base += ["--temperature", "0", "--max-new-tokens", "8"]
-    one = subprocess.run([*base, "--query", "What is it?"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    one = subprocess.run([*base, "--query", "What is it?"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
     from fastllava.serve.cli import Chat, parse_args
 

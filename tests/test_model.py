@@ -248,7 +248,7 @@ def test_cli_one_shot_matches_library_and_interactive(tmp_path, tiny):
     assert one.stdout.strip() == expected
     # two turns interactively; the second prompt carries the first answer (LLaVA's history)
     inter = subprocess.run(
-        base, cwd=ROOT, input="What is it?\nAnd now?\n\n", capture_output=True, text=True, timeout=120
+        base, cwd=tmp_path, input="What is it?\nAnd now?\n\n", capture_output=True, text=True, timeout=120
     )
     assert inter.returncode == 0, inter.stderr
     assert inter.stdout.count("ASSISTANT:") == 2 and expected in inter.stdout

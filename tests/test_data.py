@@ -50,9 +50,8 @@ def test_synthetic_is_deterministic_and_consistent(tmp_path, shapes):
             assert a == synthetic.COUNT_WORDS[len(items)]
         else:
             subject = next(it for it in items if it.shape in q or it.color in q)
-            assert a == {"color": subject.color, "shape": subject.shape, "position": subject.slot, "size": subject.size}[
-                kind
-            ]
+            truth = {"color": subject.color, "shape": subject.shape, "position": subject.slot, "size": subject.size}
+            assert a == truth[kind]
     evals = json.loads((shapes / "eval.json").read_text())
     assert all(r["conversations"][-1]["value"] == r["answer"] for r in evals)
     # the colour the image shows at a shape's slot centre is its colour
@@ -105,7 +104,8 @@ def test_v1_masks_everything_but_the_answers(tok):
 
 
 def test_plain_template(tok):
-    out = preprocess([{"from": "human", "value": "caption <image>"}, {"from": "gpt", "value": "a red circle"}], tok, "plain", True)
+    turns = [{"from": "human", "value": "caption <image>"}, {"from": "gpt", "value": "a red circle"}]
+    out = preprocess(turns, tok, "plain", True)
     assert out.input_ids[:2] == [tok.bos_token_id, IMAGE_TOKEN_INDEX]
     assert out.labels[:2] == [IGNORE_INDEX, IGNORE_INDEX]
     assert _target_text(tok, out) == ["a red circle\n"]

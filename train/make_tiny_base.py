@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from fastllava.config import LlavaConfig, TextConfig, VisionConfig
@@ -54,6 +55,13 @@ def write_base(out: str | Path, seed: int = 0, image_size: int = 48, patch_size:
     out = Path(out)
     cfg = default_config(image_size, patch_size)
     model = build_tiny_llava(cfg, seed=seed)
+    # CLIP-like scales for the tower's embeddings: build_tiny_llava boosts every nn.Embedding 25x (for token
+    # identity in the LM), which here would drown the patch content in position noise.
+    gen = torch.Generator().manual_seed(seed + 1)
+    emb = model.vision_tower.embeddings
+    with torch.no_grad():
+        emb.position_embedding.weight.copy_(0.02 * torch.randn(emb.position_embedding.weight.shape, generator=gen))
+        emb.patch_embedding.weight.copy_(0.05 * torch.randn(emb.patch_embedding.weight.shape, generator=gen))
     lm_dir, clip_dir = out / "lm", out / "clip"
     lm_dir.mkdir(parents=True, exist_ok=True)
     clip_dir.mkdir(parents=True, exist_ok=True)

@@ -270,16 +270,23 @@ def save_lora_adapter(model: LlavaModel, out_dir: Path, run_args: dict) -> None:
     save_file(lora_state_dict(model), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     non_lora = {}
     for name, p in model.named_parameters():
-        if p.requires_grad and "lora_" not in name and is_projector_param(name):
+        if p.requires_grad and "lora_" not in name:
             non_lora["base_model.model." + _llava_name(name)] = p.detach().contiguous().cpu()
     save_file(non_lora, str(out_dir / "non_lora_trainables.safetensors"), metadata={"format": "pt"})
     (out_dir / "base_model.json").write_text(json.dumps(run_args, indent=2, default=str))
 
 
 def _llava_name(name: str) -> str:
-    """fastllava projector name -> original LLaVA's (``model.mm_projector.{0,2}.weight``)."""
+    """fastllava name -> original LLaVA's (``model.mm_projector.{0,2}.weight``, ``model.layers...``,
+    ``model.vision_tower.vision_tower.vision_model...``), the names ``llava_to_fastllava`` maps back."""
     if name == "image_newline":
         return "model.image_newline"
+    if name.startswith("language_model.lm_head."):
+        return name[len("language_model.") :]
+    if name.startswith("language_model."):
+        return "model." + name[len("language_model.") :]
+    if name.startswith("vision_tower."):
+        return "model.vision_tower.vision_tower.vision_model." + name[len("vision_tower.") :]
     idx, param = name[len("multi_modal_projector.linear_") :].split(".")
     return f"model.mm_projector.{2 * (int(idx) - 1)}.{param}"
 

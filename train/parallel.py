@@ -130,8 +130,9 @@ def apply_fsdp2(module: TrainModule, bf16: bool) -> TrainModule:
     return module
 
 
-def deepspeed_config(path: str | Path, train_args, world_size: int) -> dict:
-    """Load a DeepSpeed JSON config and fill its ``"auto"`` values from the training arguments (as HF does)."""
+def deepspeed_config(path: str | Path, train_args, world_size: int, hidden_size: int) -> dict:
+    """Load a DeepSpeed JSON config and fill its ``"auto"`` values from the training arguments and the model's
+    hidden size, as HF's ``HfTrainerDeepSpeedConfig`` does."""
     cfg = json.loads(Path(path).read_text())
     fills = {
         "train_micro_batch_size_per_gpu": 1,  # one packed micro-batch
@@ -145,6 +146,15 @@ def deepspeed_config(path: str | Path, train_args, world_size: int) -> dict:
     for key, flag in (("bf16", train_args.bf16), ("fp16", train_args.fp16)):
         if key in cfg and cfg[key].get("enabled") == "auto":
             cfg[key]["enabled"] = bool(flag)
+    zero = cfg.get("zero_optimization", {})
+    h2 = hidden_size * hidden_size
+    for k, v in (
+        ("reduce_bucket_size", h2),
+        ("stage3_prefetch_bucket_size", int(0.9 * h2)),
+        ("stage3_param_persistence_threshold", 10 * hidden_size),
+    ):
+        if zero.get(k) == "auto":
+            zero[k] = v
     cfg.pop("optimizer", None)  # ours (AdamW with a projector group) and our scheduler are passed in
     cfg.pop("scheduler", None)
     return cfg

@@ -234,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         module = parallel.apply_fsdp2(module, args.bf16)
     if args.deepspeed:
         engine = parallel.init_deepspeed(
-            module, optimizer, scheduler, parallel.deepspeed_config(args.deepspeed, args, world)
+            module,
+            optimizer,
+            scheduler,
+            parallel.deepspeed_config(args.deepspeed, args, world, model.config.text.hidden_size),
         )
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "log_history": [], "nonfinite_skipped": 0}
     resume = ckpt.resolve_resume(out_dir, args.resume_from_checkpoint)

@@ -207,6 +207,10 @@ def add_lora(model: LlavaModel, train_args) -> None:
         target_modules=LORA_TARGETS,
         bias=train_args.lora_bias,
     )
+    if train_args.bits == 4:  # QLoRA: peft needs to know how to wrap our 4-bit linears
+        from fastllava.quantization import lora_config_for_4bit
+
+        cfg = lora_config_for_4bit(cfg)
     inject_adapter_in_model(cfg, model.language_model)
     for name, p in model.language_model.named_parameters():
         if "lora_" in name:

@@ -27,6 +27,11 @@ from fastllava.losses import linear_cross_entropy
 from fastllava.model.llava import LlavaModel
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+# DeepSpeed steps inside ``engine.step()``, before our finite check sees the global loss: what it does then.
+ENGINE_SKIP = (
+    " -- left to DeepSpeed, which already stepped: ZeRO-1/2 skip a non-finite grad norm (fp32, fp16), "
+    "ZeRO-3 only under fp16 loss scaling; --on_nonfinite stop stops here"
+)
 
 
 class LMHeadWithLoss(nn.Linear):
@@ -168,3 +173,130 @@ def init_deepspeed(module: TrainModule, optimizer, scheduler, cfg: dict):
 
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
     return engine
+
+
+# ------------------------------------------------------------------------------------ state under engines
+
+
+def is_zero3(engine) -> bool:
+    return engine is not None and engine.zero_optimization_stage() == 3
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """A ``clip_grad_norm_`` result as a float (under FSDP2 it is a DTensor: materialise it first)."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_trainable_state(model: LlavaModel, module: nn.Module, engine, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The trainable weights, unsharded, on CPU, under the model's own names (what ``trainable.safetensors``
+    holds). Collective under FSDP2 and ZeRO-3: call it on every rank; complete on rank 0."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {n: full["model." + n] for n in names if "model." + n in full}
+    if is_zero3(engine):
+        import deepspeed
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            return {n: p.detach().cpu().clone() for n, p in named}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(optimizer, module: nn.Module, engine, fsdp: bool) -> tuple[dict, dict]:
+    """(what rank 0 writes as ``optimizer.pt``, what every rank adds to its ``rng_state_<rank>.pth``).
+
+    Plain / DDP: the optimizer's own state. FSDP2: the full (unsharded) optimizer state, keyed by parameter
+    name. DeepSpeed: each rank's ZeRO partition (``engine.optimizer.state_dict()``) in its rank file, since the
+    base optimizer's parameter groups were replaced by flat partitions. Collective under FSDP2."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(
+            module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return full, {}
+    if engine is not None:
+        return {"zero_stage": engine.zero_optimization_stage()}, {"zero_optimizer": engine.optimizer.state_dict()}
+    return optimizer.state_dict(), {}
+
+
+def consolidated_state_dict(module: nn.Module, engine, fsdp: bool) -> dict[str, torch.Tensor]:
+    """Every weight of the model, unsharded, under the model's names (``model.`` of ``TrainModule`` removed).
+    FSDP2: the full state dict; ZeRO-3: DeepSpeed's consolidated 16-bit state dict (the model's dtype, so fp32
+    in an fp32 run; ``stage3_gather_16bit_weights_on_model_save`` must be true). Collective; rank 0 gets it."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif is_zero3(engine):
+        if not engine.zero_gather_16bit_weights_on_model_save():
+            raise SystemExit(
+                "ZeRO-3 final save needs 'stage3_gather_16bit_weights_on_model_save': true in the DeepSpeed config"
+            )
+        full = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        raise ValueError("consolidated_state_dict is for FSDP2 / ZeRO-3 runs")
+    return {k.removeprefix("model."): v for k, v in (full or {}).items()}
+
+
+def materialize(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Replace every (sharded / partitioned) parameter of ``model`` by a plain CPU fp32 parameter holding the
+    full weight from ``full``; tied parameters stay tied. Rank 0, after ``consolidated_state_dict``."""
+    new: dict[int, nn.Parameter] = {}
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if id(p) not in new:
+            if name not in full:
+                raise KeyError(f"consolidated state dict lacks {name}")
+            new[id(p)] = nn.Parameter(full[name].detach().to("cpu", torch.float32).clone(), p.requires_grad)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = new[id(p)]
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():  # FSDP2 swapped in FSDP<Cls> subclasses (their _apply expects DTensors): undo
+        if isinstance(m, FSDPModule):
+            m.__class__ = next(c for c in type(m).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+
+
+def load_train_state(model: LlavaModel, module: nn.Module, optimizer, engine, fsdp: bool, loaded: dict) -> None:
+    """Resume: put back what ``full_trainable_state`` / ``optimizer_state`` saved (``loaded`` is
+    ``checkpointing.load_checkpoint``'s answer on this rank). Same world size and engine as the saving run."""
+    weights = loaded["trainable"]
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if "state" not in loaded["optimizer"] or "zero_stage" in loaded["optimizer"]:
+            raise SystemExit("this checkpoint was not written by an --fsdp run: resume it with its own setup")
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(module, {"model." + n: t for n, t in weights.items()}, options=full)
+        set_optimizer_state_dict(module, optimizer, loaded["optimizer"], options=full)
+        return
+    if engine is not None:
+        zero_sd = loaded["rank_state"].get("zero_optimizer")
+        if zero_sd is None or loaded["optimizer"].get("zero_stage") != engine.zero_optimization_stage():
+            raise SystemExit(
+                f"this checkpoint was not written by a ZeRO-{engine.zero_optimization_stage()} run of the same "
+                "world size: resume it with its own setup"
+            )
+        if not is_zero3(engine):  # ZeRO-1/2: the (16-bit) model weights are whole on every rank
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(weights[n].to(p.dtype))
+        # the fp32 master partition of this rank (ZeRO-3 rebuilds its parameter partitions from it as well)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        engine.optimizer.load_state_dict([zero_sd] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+        return
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(weights[n].to(p.dtype))
+    optimizer.load_state_dict(loaded["optimizer"])

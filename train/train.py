@@ -227,11 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     pad_to = None if args.packing else "longest"
 
     # ------------------------------------------------------------------ optimizer, engine, resume
+    if args.fsdp:  # before the optimizer: fully_shard replaces the parameters by sharded ones
+        module = parallel.apply_fsdp2(module, args.bf16)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, total_steps)
     engine = None
-    if args.fsdp:
-        module = parallel.apply_fsdp2(module, args.bf16)
     if args.deepspeed:
         engine = parallel.init_deepspeed(
             module,
@@ -246,10 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         missing = [n for n, _ in trainable if n not in loaded["trainable"]]
         if missing:
             raise SystemExit(f"{resume} lacks trainable weights {missing[:4]}: was it written by another setup?")
-        with torch.no_grad():
-            for n, p in trainable:
-                p.copy_(loaded["trainable"][n].to(p.dtype))
-        optimizer.load_state_dict(loaded["optimizer"])
+        parallel.load_train_state(model, module, optimizer, engine, bool(args.fsdp), loaded)
         scheduler.load_state_dict(loaded["scheduler"])
         state = loaded["trainer_state"]
         ckpt.set_rng_state(loaded["rank_state"]["rng"])
@@ -265,9 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     params = [p for _, p in trainable]
 
     def save(step: int) -> None:
-        sd = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        sd = parallel.full_trainable_state(model, module, engine, bool(args.fsdp))
+        opt_sd, rank_extra = parallel.optimizer_state(optimizer, module, engine, bool(args.fsdp))
         ckpt.save_checkpoint(
-            out_dir, step, sd, optimizer.state_dict(), scheduler.state_dict(), state, rank, args.save_total_limit
+            out_dir, step, sd, opt_sd, scheduler.state_dict(), state, rank, args.save_total_limit, rank_extra
         )
 
     from tqdm.auto import tqdm
@@ -322,11 +321,11 @@ def main(argv: list[str] | None = None) -> None:
                 parallel.all_reduce_grads(params)
             loss = float(parallel.all_reduce_sum(loss_sum)) / max(n_global, 1.0)
             if engine is None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+                grad_norm = parallel.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
             else:
                 grad_norm = float(engine.get_global_grad_norm() or 0.0)
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            if finite or engine is not None:
+            if finite:
                 if engine is None:
                     optimizer.step()
                     scheduler.step()
@@ -338,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
                 if args.on_nonfinite == "stop" or state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
                     save(state["global_step"])
                     raise SystemExit(msg + " -- stopping (state saved)")
-                log.warning(msg + " -- step skipped (--on_nonfinite skip)")
+                log.warning(
+                    msg + (" -- step skipped (--on_nonfinite skip)" if engine is None else parallel.ENGINE_SKIP)
+                )
             if engine is None:
                 optimizer.zero_grad(set_to_none=True)
             state["global_step"] += 1
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                 dt = time.perf_counter() - window_t0
                 tokens = float(parallel.all_reduce_sum(torch.tensor([float(window_tokens)]))[0])
                 record = {
-                    "loss": sum(window_losses) / max(len(window_losses), 1),
+                    "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
                     "grad_norm": grad_norm,
                     "learning_rate": scheduler.get_last_lr()[0],
                     "epoch": round(
@@ -377,16 +378,10 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
 
     # ------------------------------------------------------------------ outputs
-    if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if args.fsdp or parallel.is_zero3(engine):  # unshard: rank 0 gets the full weights as plain parameters
+        full = parallel.consolidated_state_dict(module, engine, bool(args.fsdp))
         if rank == 0:
-            model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        full = engine._zero3_consolidated_16bit_state_dict()
-        if rank == 0:
-            model.load_state_dict({k.removeprefix("model."): v.float() for k, v in full.items()}, strict=False)
+            parallel.materialize(model, full)
     if rank == 0:
         model.to("cpu").float()
         run_args = modeling.run_args_dict(model_args, data_args, args)

@@ -23,7 +23,7 @@ extras = {
         "pytest",
         "pytest-benchmark",
         "pytest-timeout",
-        "ruff",
+        "ruff==0.17.6",  # pinned: formatting and lint rules change between releases
         "matplotlib",
         "bitsandbytes",
         "liger-kernel",

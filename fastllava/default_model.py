@@ -1,6 +1,7 @@
 """Where the embedded default model lives.
 
-The trained default (see `train/recipes/`) ships under `fastllava/assets/default-model/`. Without it (a
+The trained default (see `train/recipes/`) ships under `fastllava/assets/llava-v1-tiny-shapes/` (the name
+makes LLaVA's conv-mode guess pick `llava_v1`, the template it was trained with). Without it (a
 checkout where it has not been trained yet), a tiny random-weight LLaVA is built locally once and cached under
 `$FASTLLAVA_CACHE` (default `~/.cache/fastllava`), so the commands still run end to end, offline.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "default-model"
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "llava-v1-tiny-shapes"
 
 
 def cache_dir() -> Path:

@@ -11,13 +11,16 @@ Both are random-weight (seeded) and in the layouts transformers writes, so ``tra
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from fastllava.config import LlavaConfig, TextConfig, VisionConfig
 from fastllava.image_processing import ImageProcessor
-from fastllava.tiny import build_tokenizer
+from fastllava.model.export import _text_dict, _vision_dict
+from fastllava.tiny import build_tiny_llava, build_tokenizer
 
 
 def default_config(image_size: int = 48, patch_size: int = 16) -> LlavaConfig:
@@ -48,51 +51,37 @@ def default_config(image_size: int = 48, patch_size: int = 16) -> LlavaConfig:
 
 
 def write_base(out: str | Path, seed: int = 0, image_size: int = 48, patch_size: int = 16) -> tuple[Path, Path]:
-    """Write ``lm/`` and ``clip/`` under ``out``; returns their paths.
-
-    The weights are initialised by transformers' own ``LlamaForCausalLM`` / ``CLIPVisionModel`` (``_init_weights``:
-    embeddings and linears at ``initializer_range`` 0.02, unit norms, zero biases, CLIP's scaled attention/MLP
-    init), i.e. the start a real Vicuna + CLIP pair is trained from. ``fastllava.tiny.build_tiny_llava``'s test
-    init (every embedding x25, noisy norms and biases) is *not* used here: with it (and equally with
-    transformers' init at the old recipe's ~6-image steps) the model settles on the text-only answer prior and
-    never reads the image (held-out accuracy at chance); see ``train/recipes/default.py``.
-    """
-    import transformers
-
+    """Write ``lm/`` and ``clip/`` under ``out``; returns their paths."""
     out = Path(out)
     cfg = default_config(image_size, patch_size)
-    t, v = cfg.text, cfg.vision
-    torch.manual_seed(seed)
-    lm = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers,
-            num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads,
-            max_position_embeddings=t.max_position_embeddings,
-            rms_norm_eps=t.rms_norm_eps,
-            bos_token_id=t.bos_token_id,
-            eos_token_id=t.eos_token_id,
-            pad_token_id=t.pad_token_id,
-            tie_word_embeddings=False,
-        )
-    )
-    tower = transformers.CLIPVisionModel(
-        transformers.CLIPVisionConfig(
-            hidden_size=v.hidden_size,
-            intermediate_size=v.intermediate_size,
-            num_hidden_layers=v.num_hidden_layers,
-            num_attention_heads=v.num_attention_heads,
-            image_size=image_size,
-            patch_size=patch_size,
-        )
-    )
+    model = build_tiny_llava(cfg, seed=seed)
+    # CLIP-like scales for the tower's embeddings: build_tiny_llava boosts every nn.Embedding 25x (for token
+    # identity in the LM), which here would drown the patch content in position noise.
+    gen = torch.Generator().manual_seed(seed + 1)
+    emb = model.vision_tower.embeddings
+    with torch.no_grad():
+        emb.position_embedding.weight.copy_(0.02 * torch.randn(emb.position_embedding.weight.shape, generator=gen))
+        emb.patch_embedding.weight.copy_(0.05 * torch.randn(emb.patch_embedding.weight.shape, generator=gen))
     lm_dir, clip_dir = out / "lm", out / "clip"
-    lm.save_pretrained(str(lm_dir), safe_serialization=True)
-    tower.save_pretrained(str(clip_dir), safe_serialization=True)
-    build_tokenizer(vocab_size=t.vocab_size).save_pretrained(str(lm_dir))
+    lm_dir.mkdir(parents=True, exist_ok=True)
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    lm, tower = {}, {}
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous()
+        if k.startswith("language_model.lm_head."):
+            lm[k[len("language_model.") :]] = v
+        elif k.startswith("language_model."):
+            lm["model." + k[len("language_model.") :]] = v
+        elif k.startswith("vision_tower."):
+            tower["vision_model." + k[len("vision_tower.") :]] = v
+    save_file(lm, str(lm_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tower, str(clip_dir / "model.safetensors"), metadata={"format": "pt"})
+    text = {**_text_dict(cfg), "architectures": ["LlamaForCausalLM"]}
+    (lm_dir / "config.json").write_text(json.dumps(text, indent=2))
+    (clip_dir / "config.json").write_text(
+        json.dumps({"architectures": ["CLIPVisionModel"], **_vision_dict(cfg)}, indent=2)
+    )
+    build_tokenizer(vocab_size=cfg.text.vocab_size).save_pretrained(str(lm_dir))
     ImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(clip_dir)

@@ -28,11 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_testing import make_work, train_args
 
-from fastllava.data.synthetic import generate
 from fastllava.train import parallel
 from fastllava.train.args import parse_args
-from fastllava.train.make_tiny_base import write_base
 
 REPO = Path(__file__).resolve().parents[1]
 # DS_ACCELERATOR=cpu: DeepSpeed's CPU accelerator (it would otherwise probe for CUDA / other devices).
@@ -47,34 +46,10 @@ needs_deepspeed = pytest.mark.skipif(not parallel.HAS_DEEPSPEED, reason="deepspe
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    w = tmp_path_factory.mktemp("trainpar")
-    generate(w / "data", seed=1, n_train=48, n_eval=8)
-    write_base(w / "base", seed=0)
-    return w
+    return make_work(tmp_path_factory, "trainpar")
 
 
-def _args(work: Path, out: str, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(work / "base" / "lm"),
-        "--vision_tower", str(work / "base" / "clip"),
-        "--version", "llava_v1",
-        "--data_path", str(work / "data" / "train.json"),
-        "--image_folder", str(work / "data" / "images"),
-        "--mm_vision_select_layer", "-1",
-        "--freeze_vision_tower", "False",
-        "--packing", "True",
-        "--packing_max_tokens", "256",
-        "--learning_rate", "2e-3",
-        "--max_steps", "6",
-        "--logging_steps", "1",
-        "--save_strategy", "steps",
-        "--save_steps", "3",
-        "--disable_tqdm", "True",
-        "--attn_implementation", "sdpa",
-        "--report_to", "none",
-        "--output_dir", str(work / out),
-        *extra,
-    ]  # fmt: skip
+_args = train_args
 
 
 def _torchrun(work: Path, out: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fastllava.data.synthetic import generate
-from fastllava.train.make_tiny_base import write_base
+from train_testing import make_work, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -28,33 +26,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    w = tmp_path_factory.mktemp("trainrun")
-    generate(w / "data", seed=1, n_train=48, n_eval=8)
-    write_base(w / "base", seed=0)
-    return w
+    return make_work(tmp_path_factory, "trainrun")
 
 
-def _args(work: Path, out: str, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(work / "base" / "lm"),
-        "--vision_tower", str(work / "base" / "clip"),
-        "--version", "llava_v1",
-        "--data_path", str(work / "data" / "train.json"),
-        "--image_folder", str(work / "data" / "images"),
-        "--mm_vision_select_layer", "-1",
-        "--freeze_vision_tower", "False",
-        "--packing", "True",
-        "--packing_max_tokens", "256",
-        "--learning_rate", "2e-3",
-        "--max_steps", "6",
-        "--logging_steps", "1",
-        "--save_strategy", "steps",
-        "--save_steps", "3",
-        "--disable_tqdm", "True",
-        "--attn_implementation", "sdpa",
-        "--output_dir", str(work / out),
-        *extra,
-    ]  # fmt: skip
+_args = train_args
 
 
 def _train(work, out, *extra, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:

@@ -26,7 +26,9 @@ from enum import Enum, auto
 from io import BytesIO
 from typing import Any
 
-from PIL import Image, ImageColor
+from PIL import Image
+
+from fastllava.mm_utils import expand2square
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's DEFAULT_IMAGE_TOKEN as it appears in prompt text
 
@@ -50,20 +52,6 @@ PAD_COLOR = (122, 116, 104)
 
 # "Resize" squashes to the CLIP-L/14-336 input size, as LLaVA does.
 RESIZE_TO = (336, 336)
-
-
-def expand2square(image: Image.Image, background_color: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
-    """Pad `image` to a square, centred, with `background_color` (LLaVA's "Pad" mode)."""
-    width, height = image.size
-    if width == height:
-        return image
-    # LLaVA passes the RGB tuple straight to Image.new, which raises for single-band modes ("L", "I", "F");
-    # ImageColor converts the colour to the image's mode and gives LLaVA's exact value for RGB/RGBA/P.
-    fill = ImageColor.getcolor("rgb({}, {}, {})".format(*background_color), image.mode)
-    side = max(width, height)
-    result = Image.new(image.mode, (side, side), fill)
-    result.paste(image, ((side - width) // 2, (side - height) // 2))
-    return result
 
 
 def _message_text(message: Any) -> str:
@@ -240,7 +228,7 @@ class Conversation:
         included). Returns the PIL image, or its base64 `image_format` encoding.
         """
         if image_process_mode == "Pad":
-            image = expand2square(image)
+            image = expand2square(image, PAD_COLOR)
         elif image_process_mode in ("Default", "Crop"):
             pass  # LLaVA leaves cropping to the model's image processor
         elif image_process_mode == "Resize":

@@ -19,7 +19,7 @@ import binascii
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
 
 from fastllava.anyres import resize_for_patching_hw, select_best_resolution
 from fastllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
@@ -84,13 +84,19 @@ def load_image_from_base64(image: str, **kwargs) -> Image.Image:
 
 
 def expand2square(pil_img: Image.Image, background_color) -> Image.Image:
-    """Pad to a square with `background_color`, the image centred (LLaVA "pad" aspect ratio)."""
+    """Pad to a square with `background_color` (an RGB tuple, or a value in the image's mode), the image
+    centred (LLaVA "pad" aspect ratio)."""
     width, height = pil_img.size
     if width == height:
         return pil_img
+    fill = background_color
+    if isinstance(background_color, tuple) and len(background_color) == 3:
+        # LLaVA passes the RGB tuple straight to Image.new, which raises for single-band modes ("L", "I", "F");
+        # ImageColor converts it to the image's mode and gives LLaVA's exact value for RGB/RGBA/P.
+        fill = ImageColor.getcolor("rgb({}, {}, {})".format(*background_color), pil_img.mode)
     side = max(width, height)
-    result = Image.new(pil_img.mode, (side, side), background_color)
-    result.paste(pil_img, (0, (side - height) // 2) if width > height else ((side - width) // 2, 0))
+    result = Image.new(pil_img.mode, (side, side), fill)
+    result.paste(pil_img, ((side - width) // 2, (side - height) // 2))
     return result
 
 

@@ -107,7 +107,7 @@ def _load_hf(path: Path, allow_pickle):
     return config, state, processor, _load_tokenizer(path)
 
 
-def _vision_tower(cfg: dict, model_path: Path, allow_pickle) -> tuple[Path, dict]:
+def _vision_tower(cfg: dict, model_path: Path) -> tuple[Path, dict]:
     name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
     if not name:
         raise ckpt.CheckpointError(f"{model_path}/config.json names no mm_vision_tower")
@@ -122,7 +122,7 @@ def _vision_tower(cfg: dict, model_path: Path, allow_pickle) -> tuple[Path, dict
 
 def _load_llava(model_path: Path, model_base: Path | None, allow_pickle):
     cfg = load_json(model_path / "config.json")
-    tower_dir, tower_cfg = _vision_tower(cfg, model_path, allow_pickle)
+    tower_dir, tower_cfg = _vision_tower(cfg, model_path)
     vcfg = tower_cfg.get("vision_config", tower_cfg)  # a full CLIPModel folder nests it
     config = LlavaConfig.from_llava_dict(cfg, _vision_from_dict(vcfg))
     is_lora = (model_path / "adapter_config.json").is_file()

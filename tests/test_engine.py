@@ -25,6 +25,7 @@ from fastllava.engine import (
     RequestTooLargeError,
     SamplingParams,
 )
+from fastllava.engine.decode_graphs import decode_buckets
 from fastllava.packing import image_tiles
 from fastllava.tiny import build_tiny_llava, build_tokenizer, tiny_config
 
@@ -342,3 +343,165 @@ def test_nf4_quantized_model_runs_unchanged():
     reqs = _requests(m.config, 8, seed=11)
     together, _ = _run_together(m, reqs)
     assert together == _run_alone(m, reqs)
+
+
+# ---------------------------------------------------------------------------- CUDA graphs / bucketed decode
+
+
+def test_decode_buckets():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(3) == [1, 2, 3]
+    assert decode_buckets(12) == [1, 2, 4, 8, 12]
+    assert decode_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    with pytest.raises(ValueError):
+        decode_buckets(0)
+
+
+def _drive(m, reqs, spy=None, **cfg):
+    """Requests arriving at staggered steps (decode batches of every size), the one with id ``r1`` aborted
+    after 3 tokens; returns every request's tokens (the aborted one's partial) and the engine."""
+    eng = LLMEngine(m, config=EngineConfig(max_num_seqs=12, max_num_batched_tokens=37, **cfg))
+    if spy is not None:
+        spy(eng)
+    tokens, pending, step = {}, list(enumerate(reqs)), 0
+    while pending or eng.has_unfinished_requests():
+        for _ in range(4 if step == 0 else 1 + step % 2):
+            if pending:
+                i, (p, im, sp) = pending.pop(0)
+                eng.add_request(f"r{i}", p, im, SamplingParams(**vars(sp)))
+        r1 = eng.scheduler.requests.get("r1")
+        if r1 is not None and len(r1.output_token_ids) >= 3:
+            tokens["r1"] = eng.abort_request("r1").token_ids
+        for out in eng.step():
+            tokens[out.request_id] = out.token_ids
+        step += 1
+    _assert_clean(eng)
+    return tokens, eng
+
+
+def _mixed_requests(cfg, n: int, seed: int):
+    reqs = _requests(cfg, n, seed=seed, max_tokens=(3, 24))
+    for k in (2, 5):  # two seeded sampling requests: the graphs' logits feed the same sampler
+        p, im, sp = reqs[k]
+        reqs[k] = (p, im, SamplingParams(max_tokens=sp.max_tokens, temperature=0.8, top_k=20, seed=k, ignore_eos=True))
+    return reqs
+
+
+def _count_decode_paths(eng, seen: list[tuple[int, bool]]) -> None:
+    """Record (batch size, ran bucketed) for every decode step."""
+    graphs = eng.runner.decode_graphs
+    real_run = graphs.run
+
+    def run(reqs, tables):
+        logits = real_run(reqs, tables)
+        seen.append((len(reqs), logits is not None))
+        return logits
+
+    graphs.run = run
+
+
+@pytest.mark.parametrize("which", ["anyres_llama", "mistral"])
+def test_bucketed_decode_matches_eager(which, anyres_model, model):
+    """The graphs' static-buffer path without capture (CPU): the same tokens as eager decode, token for token,
+    across chunked prefill mixed with decode, images, staggered arrivals and finishes, an abort, and batches
+    bigger than the largest bucket (those fall back to eager)."""
+    m = anyres_model if which == "anyres_llama" else model
+    reqs = _mixed_requests(m.config, 20, seed=12)
+    eager, eng = _drive(m, reqs)
+    assert eng.runner.decode_graphs is None and eng.runner.kv.num_blocks == eng.block_manager.num_blocks
+    seen: list[tuple[int, bool]] = []
+    bucketed, eng = _drive(
+        m,
+        reqs,
+        spy=lambda e: _count_decode_paths(e, seen),
+        static_decode_buffers=True,
+        cuda_graph_max_batch_size=8,
+        max_model_len=512,
+    )
+    assert bucketed == eager
+    assert len(eager["r1"]) == 3 and len(eager) == 20
+    assert len({tuple(t) for t in eager.values()}) > 10  # outputs really differ per request
+    graphs = eng.runner.decode_graphs
+    assert graphs.buckets == [1, 2, 4, 8] and graphs.num_replays == 0  # no capture on CPU
+    sizes = {b for b, ran in seen if ran}
+    assert sizes - {1, 2, 4, 8} and graphs.num_padded_rows > 0  # padded up to a bucket
+    assert all(ran == (b <= 8) for b, ran in seen) and any(b > 8 for b, _ in seen)  # > 8: eager
+    assert eng.runner.kv.num_blocks == eng.block_manager.num_blocks + 1  # + the scratch block
+
+
+def _check_writes(eng, log: list[int]) -> None:
+    """Wrap ``runner.execute``: each step may change only the KV slots of its scheduled tokens in real blocks.
+    Appends the number of real slots changed per step to ``log``."""
+    runner, bs = eng.runner, eng.block_manager.block_size
+    real_blocks = eng.block_manager.num_blocks
+    real_execute = runner.execute
+
+    def execute(out, tables):
+        def slot(req, p):
+            return tables[req.request_id][p // bs] * bs + p % bs
+
+        allowed = {slot(c.request, p) for c in out.prefills for p in range(c.start, c.start + c.num_tokens)}
+        allowed |= {slot(r, r.num_computed_tokens) for r in out.decodes}
+        before = [t.clone() for t in runner.kv.k + runner.kv.v]
+        sampled = real_execute(out, tables)
+        changed = torch.zeros(runner.kv.num_blocks, bs, dtype=torch.bool, device=before[0].device)
+        for old, new in zip(before, runner.kv.k + runner.kv.v, strict=True):
+            changed |= (old != new).flatten(2).any(-1)
+        real = set(changed[:real_blocks].flatten().nonzero().flatten().tolist())
+        assert real <= allowed, f"slots {sorted(real - allowed)} written by no scheduled token"
+        log.append(len(real))
+        return sampled
+
+    runner.execute = execute
+
+
+def test_bucketed_decode_padding_writes_only_the_scratch_block(anyres_model):
+    """Padding rows never write a real KV block (small blocks, a small cache: blocks are reused, requests
+    preempted); they write the scratch block's slot 0 only."""
+    reqs = _mixed_requests(anyres_model.config, 14, seed=13)
+    log: list[int] = []
+    cfg = dict(block_size=4, num_blocks=80, max_model_len=256)
+    out, eng = _drive(anyres_model, reqs, spy=lambda e: _check_writes(e, log), static_decode_buffers=True, **cfg)
+    graphs = eng.runner.decode_graphs
+    assert graphs.num_padded_rows > 0 and sum(log) > 500
+    assert out == _drive(anyres_model, reqs, **cfg)[0]
+    scratch = [t[graphs.scratch_block] for t in eng.runner.kv.k + eng.runner.kv.v]  # (bs, Hk, D) each
+    assert all(s[0].abs().sum() > 0 and not s[1:].any() for s in scratch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_decode_matches_eager_gpu(dtype):
+    """Real capture and replay: the same tokens as the static path without capture (same kernels, same shapes)
+    and, in fp32, as eager decode; the replay makes no host sync; padding never writes a real block."""
+    m = _model("mistral").to("cuda", dtype)
+    reqs = _mixed_requests(m.config, 20, seed=14)
+    eager, _ = _drive(m, reqs, cuda_graphs=False)
+    static, _ = _drive(m, reqs, static_decode_buffers=True, cuda_graph_max_batch_size=8)
+    seen: list[tuple[int, bool]] = []
+    log: list[int] = []
+
+    def spy(eng):
+        _check_writes(eng, log)
+        _count_decode_paths(eng, seen)
+        graphs = eng.runner.decode_graphs
+        real_run = graphs.run
+
+        def run(reqs, tables):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return real_run(reqs, tables)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        graphs.run = run
+
+    graphed, eng = _drive(m, reqs, spy=spy, cuda_graph_max_batch_size=8)
+    graphs = eng.runner.decode_graphs
+    assert sorted(graphs.graphs) == graphs.buckets == [1, 2, 4, 8]
+    assert graphs.num_replays == sum(ran for _, ran in seen) > 0 and any(not ran for _, ran in seen)
+    assert graphed == static
+    if dtype == torch.float32:
+        assert graphed == eager
+    assert sum(log) > 0

@@ -10,6 +10,15 @@
 One step = schedule (``Scheduler``, bookkeeping) -> execute (``ModelRunner``: encoder, one packed prefill,
 one batched decode, one sample, one host sync) -> update (tokens, stop checks, detokenization, metrics).
 The servers use ``AsyncLLMEngine.generate``, an async iterator of ``RequestOutput``.
+
+CUDA graphs (``EngineConfig.cuda_graphs``, on by default, used only when the model is on CUDA): at construction
+the decode step (model forward over the paged KV cache + LM head, one token per sequence) is captured once per
+batch-size bucket (1, 2, 4, 8, 16, 24, ... up to ``cuda_graph_max_batch_size``, default ``max_num_seqs``).
+Each decode step pads its batch to the next bucket, copies its inputs into the graphs' static buffers and
+replays; padding rows use a scratch KV block of their own and their logits are dropped. Sampling stays outside
+the graph. Bigger batches, CPU models and ``cuda_graphs=False`` decode eagerly. Capture fixes the attention
+backend and kernels in force at construction (see ``decode_graphs.py``). ``static_decode_buffers=True`` runs
+the same static-buffer, bucket-padded decode without capture on any device (tests and debugging).
 """
 
 from __future__ import annotations
@@ -63,6 +72,9 @@ class EngineConfig:
     encoder_cache_rows: int = 16384  # image-feature rows kept (576 per LLaVA-1.5 image)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
+    cuda_graphs: bool = True  # CUDA models: replay decode steps from CUDA graphs, one per batch-size bucket
+    cuda_graph_max_batch_size: int | None = None  # largest captured batch (None: max_num_seqs); bigger: eager
+    static_decode_buffers: bool = False  # tests/debugging: the graphs' bucketed static-buffer decode, no capture
 
 
 class LLMEngine:
@@ -87,7 +99,18 @@ class LLMEngine:
             self.block_manager,
             self.encoder_cache,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.encoder_cache, config.kv_dtype)
+        graphs = config.cuda_graphs and model.device.type == "cuda" and not config.static_decode_buffers
+        bucketed = graphs or config.static_decode_buffers
+        self.runner = ModelRunner(
+            model,
+            num_blocks,
+            config.block_size,
+            self.encoder_cache,
+            config.kv_dtype,
+            decode_max_batch=(config.cuda_graph_max_batch_size or config.max_num_seqs) if bucketed else 0,
+            capture_graphs=graphs,
+            max_model_len=self.max_model_len,
+        )
         eos = self.cfg.text.eos_token_id
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:

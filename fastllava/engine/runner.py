@@ -3,8 +3,9 @@
 Per step: the vision tower on the images the scheduler listed (all tiles in one batch, features into the
 encoder cache); one packed prefill forward over every scheduled chunk, attending over each request's whole
 cached context (``kv_slots``/``cu_seqlens_k``: prefix-cache hits and earlier chunks included); one batched
-decode forward through paged attention; one ``sample`` call over the rows that produce a token, and one host
-sync (``tolist``) for the sampled ids. Per-request settings travel as tensors, so no request syncs alone.
+decode forward through paged attention (replayed from a CUDA graph when ``decode_graphs`` has a bucket for the
+batch, see ``decode_graphs.py``); one ``sample`` call over the rows that produce a token, and one host sync
+(``tolist``) for the sampled ids. Per-request settings travel as tensors, so no request syncs alone.
 
 Image slots inside a chunk: the chunk's rows of each overlapping image's features (from the encoder cache)
 go in ``image_features``, with chunk-local ``image_offsets``/``image_counts``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from fastllava.engine.decode_graphs import DecodeGraphs
 from fastllava.engine.encoder_cache import EncoderCache
 from fastllava.engine.request import Request
 from fastllava.engine.scheduler import SchedulerOutput
@@ -30,16 +32,35 @@ class ModelRunner:
         block_size: int,
         encoder_cache: EncoderCache,
         kv_dtype: torch.dtype | None = None,
+        *,
+        decode_max_batch: int = 0,
+        capture_graphs: bool = False,
+        max_model_len: int | None = None,
     ) -> None:
+        """``decode_max_batch > 0``: decode batches up to that size run bucketed from static buffers
+        (``DecodeGraphs``), replayed from CUDA graphs when ``capture_graphs``; bigger ones run eagerly."""
         self.model = model
         self.cfg = model.config
         self.device = model.device
         self.block_size = block_size
-        self.kv = KVCache(self.cfg.text, num_blocks, block_size, self.device, kv_dtype or model.dtype)
+        bucketed = decode_max_batch > 0
+        # the bucketed decode's padding rows write one scratch block past the block manager's (index num_blocks)
+        kv_blocks = num_blocks + 1 if bucketed else num_blocks
+        self.kv = KVCache(self.cfg.text, kv_blocks, block_size, self.device, kv_dtype or model.dtype)
         self.encoder_cache = encoder_cache
         self.images_encoded = 0
         self.vision_batches = 0
         self._feature_index: dict[tuple[int, int], torch.Tensor] = {}
+        self.decode_graphs: DecodeGraphs | None = None
+        if bucketed:
+            self.decode_graphs = DecodeGraphs(
+                model,
+                self.kv,
+                scratch_block=num_blocks,
+                max_batch=decode_max_batch,
+                max_model_len=max_model_len or self.cfg.text.max_position_embeddings,
+                capture=capture_graphs,
+            )
 
     # ------------------------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -47,21 +68,21 @@ class ModelRunner:
         """Run one step; returns the sampled token of every request whose row produced one."""
         if out.encoder_inputs:
             self._encode(out.encoder_inputs)
-        rows: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
         sampling: list[Request] = []
         if out.prefills:
             hidden, last = self._prefill(out, tables)
             idx = [k for k, c in enumerate(out.prefills) if c.samples]
             if idx:
-                rows.append(hidden[last[idx]])
+                logits.append(self.model.logits(hidden[last[idx]]))
                 sampling += [out.prefills[k].request for k in idx]
         if out.decodes:
-            rows.append(self._decode(out.decodes, tables))
+            logits.append(self._decode(out.decodes, tables))
             sampling += out.decodes
         if not sampling:
             return {}
-        logits = self.model.logits(torch.cat(rows))  # (B, V)
-        tokens = self._sample(logits, sampling).tolist()  # the step's one host sync
+        rows = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
+        tokens = self._sample(rows, sampling).tolist()  # the step's one host sync
         return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
 
     # --------------------------------------------------------------------------------- encoder
@@ -148,7 +169,15 @@ class ModelRunner:
 
     # ---------------------------------------------------------------------------------- decode
     def _decode(self, reqs: list[Request], tables: dict[str, list[int]]) -> torch.Tensor:
-        """One token per request at position ``num_computed_tokens``; returns hidden ``[B, D]``."""
+        """One token per request at position ``num_computed_tokens``; returns logits ``[B, V]``."""
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(reqs, tables)  # None: the batch is bigger than every bucket
+            if logits is not None:
+                return logits
+        return self.model.logits(self._decode_eager(reqs, tables))
+
+    def _decode_eager(self, reqs: list[Request], tables: dict[str, list[int]]) -> torch.Tensor:
+        """The decode forward at the batch's own size; returns hidden ``[B, D]``."""
         bs = self.block_size
         B = len(reqs)
         width = max(len(tables[r.request_id]) for r in reqs)

@@ -1,37 +1,73 @@
-"""Serving throughput and latency: the continuous-batching engine against ``model.generate``.
+"""Serving throughput and latency: the continuous-batching engine against transformers' ``generate``.
 
     pytest bench/bench_engine.py                   # CPU: tiny model; GPU (if any): 7B-shaped random bf16 model
 
 At 1, 8, 32 and 64 concurrent clients (closed loop: each client sends its next request when the previous
-one finished), three servers run the same greedy requests on the same model:
+one finished), five servers run the same greedy requests on the same weights:
 
 - ``engine``: ``LLMEngine`` (continuous batching, chunked prefill, prefix + encoder caches);
-- ``sequential``: ``model.generate`` one request at a time (LLaVA's worker, minus its 5-way concurrency);
-- ``static``: ``model.generate`` on static batches of ``concurrency`` requests (padded, finish together).
+- ``hf_sequential``: transformers' ``LlavaForConditionalGeneration.generate`` one request at a time (the peer
+  baseline: what a llava-hf user runs), on our weights converted by ``fastllava.model.export.hf_state_dict``;
+- ``hf_static``: the same on static batches of ``concurrency`` requests, left-padded as llava-hf expects;
+- ``sequential`` / ``static``: our own ``model.generate`` the same two ways (LLaVA's worker, minus its 5-way
+  concurrency; right-padded batches packed by the LLaVA-style adapter); ``sequential`` on CPU only.
 
-Requests share LLaVA's system prompt, differ in question and length, and half carry a distinct image.
-Recorded per (server, concurrency), as ``"kind": "throughput"`` records: output tokens/s, time to first token
-(p50/p90, from the request's arrival, queueing included) and mean inter-token latency (p50). The engine's
-greedy outputs are checked equal to ``model.generate``'s, so the comparison is between equal answers.
+transformers gets its own input format: each ``<image>`` expanded into ``image_seq_length`` image-token ids,
+``pixel_values``, an attention mask; every server decodes greedily to ``max_tokens`` with EOS off, so output
+lengths match. Requests share LLaVA's system prompt, differ in question and length, and half carry a distinct
+image. Recorded per (server, concurrency), as ``"kind": "throughput"`` records: output tokens/s, time to first
+token (p50/p90, from the request's arrival, queueing included) and mean inter-token latency (p50); the engine's
+records carry its tokens/s ratio over each other server and the gate outcomes.
+
+On CPU (fp32) the engine's greedy outputs are checked equal, token for token, to transformers' and
+``model.generate``'s one-at-a-time outputs, so the comparison is between equal answers; the batched runs are
+compared too (all equal so far; asserted on 90 % of the requests, see ``_check_outputs``).
+
+Gates (``GATES``; engine tokens/s over the baseline's, measured in the same run, re-measured once on GPU and
+twice on CPU before a failure stands): the issue's targets at 64 concurrent, >= 10 x ``hf_sequential`` and
+>= 3 x ``hf_static``, on H100/H200. On CPU (tiny model: per-step overhead, not GEMMs, sets the pace, and a
+static batch whose requests all arrive together and decode the same number of tokens keeps up with the engine)
+>= 2 x ``hf_sequential`` and >= 1 x ``sequential`` at 8 concurrent and above, and >= 0.5 x ``hf_static`` at 64
+(a floor against gross regressions of the engine's per-step cost).
 """
 
 from __future__ import annotations
 
+import gc
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from bench.gates import ANYWHERE, GPU, Gate, check_gates
 from fastllava.config import LlavaConfig, TextConfig, VisionConfig
 from fastllava.constants import IMAGE_TOKEN_INDEX
 from fastllava.engine import EngineConfig, EngineImage, LLMEngine, SamplingParams
+from fastllava.model.export import hf_config_dict, hf_state_dict
 from fastllava.model.llava import LlavaModel
 from fastllava.tiny import build_tiny_llava, tiny_config
 
 CONCURRENCY = (1, 8, 32, 64)
+
+# In-run gates on the engine's tokens/s over each baseline's; a Gate's ``modes`` name the concurrencies it applies at.
+GATES = (
+    Gate("hf_sequential", 10.0, devices=GPU, modes=("c64",), why="the issue's target (continuous batching)"),
+    Gate("hf_static", 3.0, devices=GPU, modes=("c64",), why="the issue's target (no padding, no lockstep)"),
+    # CPU, tiny model: each step costs its Python/dispatch overhead, not GEMM time, so a static batch of 64
+    # equal-length requests decodes about as fast as the engine (measured 0.8-1.0x): the hf_static floor only
+    # catches a gross regression of the engine's per-step cost; batching must still beat one-at-a-time clearly.
+    Gate("hf_sequential", 2.0, devices=("cpu",), modes=("c8", "c32", "c64")),
+    Gate("hf_static", 0.5, devices=("cpu",), modes=("c64",)),
+    Gate("sequential", 1.0, devices=ANYWHERE, modes=("c8", "c32", "c64")),
+)
+
+# CPU fp32: the share of requests whose batched (padded) transformers / model.generate tokens must equal the
+# engine's (see _check_outputs); a wrong padding or position-id path changes nearly every request.
+MIN_BATCHED_AGREEMENT = 0.9
 
 
 @dataclass
@@ -44,7 +80,9 @@ class Workload:
 def make_workload(cfg: LlavaConfig, n: int, max_tokens: int, question=(8, 48), system: int = 36, seed: int = 0):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    vocab = cfg.text.vocab_size
+    # text ids only: llava-hf's added <image> and <pad> ids sit at the top of the vocabulary (32000, 32001)
+    top = min((t for t in (cfg.image_token_index, cfg.text.pad_token_id) if t is not None and t >= 5), default=None)
+    vocab = top or cfg.text.vocab_size
     sys_ids = [1] + [rng.randrange(5, vocab) for _ in range(system)]  # one shared system prompt
     prompts, images = [], []
     side = cfg.vision.image_size
@@ -60,7 +98,9 @@ def make_workload(cfg: LlavaConfig, n: int, max_tokens: int, question=(8, 48), s
 
 
 class _Clock:
-    """A ``generate`` streamer that timestamps each decoding step (the first ``put`` is the prompt)."""
+    """A ``generate`` streamer that timestamps each decoding step (the first ``put`` is the prompt).
+
+    Both ``generate``s call ``put`` once with the prompt, then once per step with that step's tokens."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times = device, []
@@ -91,6 +131,13 @@ def _summary(name: str, conc: int, wall: float, tokens: int, ttft: list[float], 
     }
 
 
+def _release(device: torch.device) -> None:
+    """Free what the previous server left (the engine's KV cache) before the next one allocates its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_engine(model, w: Workload, conc: int, engine_cfg: EngineConfig) -> tuple[dict, list[list[int]]]:
     eng = LLMEngine(model, config=engine_cfg)
     eng.generate([w.prompts[0][:8]], params=SamplingParams(max_tokens=2))  # warm-up (allocator, kernels)
@@ -117,35 +164,22 @@ def run_engine(model, w: Workload, conc: int, engine_cfg: EngineConfig) -> tuple
     return rec, [o.token_ids for o in done]
 
 
-def run_generate(
-    model, w: Workload, conc: int, batch: int, name: str, n: int | None = None
+# A batch generator: (workload, request indices, streamer) -> the new tokens of each request, in order.
+BatchGenerate = Callable[[Workload, list[int], _Clock], list[list[int]]]
+
+
+def run_batches(
+    generate: BatchGenerate, device: torch.device, w: Workload, conc: int, batch: int, name: str, n: int | None = None
 ) -> tuple[dict, list[list[int]]]:
-    """``model.generate`` on batches of ``batch`` requests, one batch at a time, ``conc`` clients."""
+    """``generate`` on batches of ``batch`` requests, one batch at a time, ``conc`` clients (the first ``n``)."""
     idx = list(range(n or len(w.prompts)))
-    dev = model.device
-    model.generate(torch.tensor([w.prompts[0][:8]], device=dev), max_new_tokens=2, eos_token_id=[])  # warm-up
     ttft, itl, outs = [], [], {}
     finish: list[float] = []  # finish time of each request, in order
     t0 = time.perf_counter()
     for s in range(0, len(idx), batch):
         rows = idx[s : s + batch]
-        L = max(len(w.prompts[i]) for i in rows)
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, : len(w.prompts[i])] = torch.tensor(w.prompts[i])
-            mask[r, : len(w.prompts[i])] = 1
-        imgs = [im for i in rows for im in w.images[i]]
-        clock = _Clock(dev)
-        new = model.generate(
-            ids.to(dev),
-            attention_mask=mask.to(dev),
-            images=[im.pixel_values.to(dev, model.dtype) for im in imgs] or None,
-            image_sizes=[im.size_hw for im in imgs] or None,
-            max_new_tokens=w.max_tokens,
-            eos_token_id=[],
-            streamer=clock,
-        ).tolist()
+        clock = _Clock(device)
+        new = generate(w, rows, clock)
         steps = clock.times[1:]
         for r, i in enumerate(rows):
             arrival = finish[i - conc] if i >= conc else t0  # the client's previous request ended then
@@ -155,33 +189,169 @@ def run_generate(
             finish.append(steps[-1])
     wall = time.perf_counter() - t0
     tokens = sum(len(o) for o in outs.values())
+    assert all(len(o) == w.max_tokens for o in outs.values()), f"{name}: EOS must be off (equal output lengths)"
     return _summary(name, conc, wall, tokens, ttft, itl, len(idx)), [outs[i] for i in idx]
 
 
-def _bench(bench_session, model, w_for, engine_cfg, seq_cap: int | None = None) -> None:
-    rows = []
+def ours_generate(model: LlavaModel) -> BatchGenerate:
+    """``model.generate`` (the LLaVA-style padded adapter): right padding, ``IMAGE_TOKEN_INDEX`` placeholders."""
+    dev = model.device
+
+    def generate(w: Workload, rows: list[int], streamer: _Clock) -> list[list[int]]:
+        L = max(len(w.prompts[i]) for i in rows)
+        ids = torch.zeros(len(rows), L, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : len(w.prompts[i])] = torch.tensor(w.prompts[i])
+            mask[r, : len(w.prompts[i])] = 1
+        imgs = [im for i in rows for im in w.images[i]]
+        return model.generate(
+            ids.to(dev),
+            attention_mask=mask.to(dev),
+            images=[im.pixel_values.to(dev, model.dtype) for im in imgs] or None,
+            image_sizes=[im.size_hw for im in imgs] or None,
+            max_new_tokens=w.max_tokens,
+            eos_token_id=[],
+            streamer=streamer,
+        ).tolist()
+
+    model.generate(torch.tensor([[1, 5, 6, 7]], device=dev), max_new_tokens=2, eos_token_id=[])  # warm-up
+    return generate
+
+
+def hf_llava(model: LlavaModel):
+    """transformers' ``LlavaForConditionalGeneration`` holding ``model``'s weights: our llava-hf export
+    (``hf_config_dict`` + ``hf_state_dict``, what ``save_llava_hf`` writes), loaded by ``from_pretrained`` from
+    memory so transformers applies its own key mapping, as it would to the saved checkpoint."""
+    import transformers
+
+    hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+        None,
+        config=transformers.LlavaConfig(**hf_config_dict(model.config)),
+        state_dict=hf_state_dict(model),
+        dtype=model.dtype,
+        device_map=model.device,
+        attn_implementation="sdpa",
+        output_loading_info=True,
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    hf.generation_config.eos_token_id = None  # decode to max_new_tokens, as the other servers do
+    return hf.eval()
+
+
+def hf_generate(hf, cfg: LlavaConfig) -> BatchGenerate:
+    """``hf.generate`` on llava-hf inputs: ``<image>`` expanded into ``image_seq_length`` image-token ids,
+    ``pixel_values`` of the batch's images in prompt order, left padding with an attention mask (transformers
+    derives position ids from the mask)."""
+    dev, image_id, n_image, pad = hf.device, cfg.image_token_index, cfg.tokens_per_tile, cfg.text.pad_token_id
+
+    def llava_hf_ids(prompt: list[int]) -> list[int]:
+        return [t for tok in prompt for t in ([image_id] * n_image if tok == IMAGE_TOKEN_INDEX else [tok])]
+
+    def generate(w: Workload, rows: list[int], streamer: _Clock) -> list[list[int]]:
+        prompts = [llava_hf_ids(w.prompts[i]) for i in rows]
+        L = max(len(p) for p in prompts)
+        ids = torch.full((len(rows), L), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, L - len(p) :] = torch.tensor(p)
+            mask[r, L - len(p) :] = 1
+        imgs = [im.pixel_values for i in rows for im in w.images[i]]
+        # no ``pixel_values`` key at all for a text-only batch: generate() would run the tower on None
+        pix = {"pixel_values": torch.cat(imgs).to(dev, hf.dtype)} if imgs else {}
+        out = hf.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            **pix,
+            max_new_tokens=w.max_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            streamer=streamer,
+        )
+        return out[:, L:].tolist()
+
+    hf.generate(input_ids=torch.tensor([[1, 5, 6, 7]], device=dev), max_new_tokens=2, do_sample=False)  # warm-up
+    return generate
+
+
+def _check_outputs(outs: dict[str, list[list[int]]], conc: int) -> dict[str, float]:
+    """CPU fp32: the engine's greedy tokens equal, token for token, transformers' and ``model.generate``'s
+    one-at-a-time (unpadded) tokens; returns, per batched server, the share of requests equal to the engine's.
+
+    Batched runs must agree on ``MIN_BATCHED_AGREEMENT`` of the requests rather than all: a padded batch runs
+    other GEMM shapes (and transformers' left padding shifts every row), so the last bits of a logit may differ
+    and a near-tie between two tokens of a random-weight model may flip. (All agreed in every run so far.)"""
+    eng = outs["engine"]
+    for name in ("hf_sequential", "sequential"):
+        got = outs.get(name, [])
+        assert eng[: len(got)] == got, f"engine != {name} at concurrency {conc}"
+    agreement = {}
+    for name in ("hf_static", "static"):
+        agreement[name] = sum(a == b for a, b in zip(eng, outs[name], strict=True)) / len(eng)
+        assert agreement[name] >= MIN_BATCHED_AGREEMENT, f"engine vs {name} at {conc}: {agreement[name]:.0%} agree"
+    return agreement
+
+
+def _measure(
+    model, gens: dict[str, BatchGenerate], w: Workload, conc: int, engine_cfg: EngineConfig, n_seq: int
+) -> dict[str, dict]:
+    """One round of the engine and of every baseline in ``gens`` on ``w``: {series: record}; on CPU the engine's
+    record gets ``agreement``."""
+    dev = model.device
+    recs, outs = {}, {}
+    recs["engine"], outs["engine"] = run_engine(model, w, conc, engine_cfg)
+    _release(dev)
+    for name, gen in gens.items():
+        seq = name.endswith("sequential")
+        recs[name], outs[name] = run_batches(gen, dev, w, conc, 1 if seq else conc, name, n_seq if seq else None)
+        _release(dev)
+    if dev.type == "cpu":  # fp32: the engine answers exactly what generate answers
+        recs["engine"]["agreement"] = _check_outputs(outs, conc)
+    return recs
+
+
+def _bench(bench_session, model, w_for, engine_cfg, seq_cap: int | None = None, ours_sequential: bool = True) -> None:
+    """All servers at every concurrency, recorded and gated. ``seq_cap``: the one-at-a-time servers answer only
+    the first ``seq_cap`` requests (their tokens/s does not depend on how many; their TTFT is then a lower bound).
+    ``ours_sequential=False`` leaves out ``model.generate`` one at a time (its gate then reports a skip)."""
+    hf, ours = hf_generate(hf_llava(model), model.config), ours_generate(model)
+    gens = {"hf_sequential": hf, "hf_static": hf, "sequential": ours, "static": ours}
+    if not ours_sequential:
+        del gens["sequential"]
+    rows, failures = [], []
     for conc in CONCURRENCY:
         w = w_for(conc)
-        eng_rec, eng_out = run_engine(model, w, conc, engine_cfg(conc))
-        seq_rec, seq_out = run_generate(model, w, conc, 1, "sequential", n=min(len(w.prompts), seq_cap or 10**9))
-        st_rec, _ = run_generate(model, w, conc, conc, "static")
-        if model.device.type == "cpu":  # fp32: the engine answers exactly what generate answers
-            assert eng_out[: len(seq_out)] == seq_out
-        for rec in (eng_rec, seq_rec, st_rec):
+        n_seq = min(len(w.prompts), seq_cap or 10**9)
+        # a failed gate is re-measured before it stands (as bench.harness does): a neighbour's burst of load
+        # on the shared CPU hits one server's run, a real regression every attempt
+        attempts = 0
+        while True:
+            attempts += 1
+            recs = _measure(model, gens, w, conc, engine_cfg(conc), n_seq)
+            eng = recs["engine"]
+            ratios = {name: eng["tokens_per_s"] / r["tokens_per_s"] for name, r in recs.items() if name != "engine"}
+            outcomes = check_gates(GATES, ratios, bench_session.kind, f"c{conc}", candidate="engine")
+            failed = [o for o in outcomes if o.status == "fail"]
+            if not failed or attempts > bench_session.cfg.retries:
+                break
+        eng.update(ratios=ratios, gates=[o.to_json() for o in outcomes], attempts=attempts)
+        failures += failed
+        for rec in recs.values():
             bench_session.record(rec)
             rows.append(rec)
-    print(f"\n{'server':>10} {'conc':>4} {'tok/s':>9} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'ITL p50 ms':>11}")
+    print(f"\n{'server':>13} {'conc':>4} {'tok/s':>9} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'ITL p50 ms':>11}")
     for r in rows:
         itl = f"{r['itl_ms_p50']:11.2f}" if r["itl_ms_p50"] is not None else f"{'-':>11}"
         print(
-            f"{r['series']:>10} {r['concurrency']:>4} {r['tokens_per_s']:9.1f} {r['ttft_ms_p50']:12.1f} "
+            f"{r['series']:>13} {r['concurrency']:>4} {r['tokens_per_s']:9.1f} {r['ttft_ms_p50']:12.1f} "
             f"{r['ttft_ms_p90']:12.1f} {itl}"
         )
-    for conc in CONCURRENCY:
-        if conc >= 8:  # batching must pay once there is something to batch
-            eng = next(r for r in rows if r["series"] == "engine" and r["concurrency"] == conc)
-            seq = next(r for r in rows if r["series"] == "sequential" and r["concurrency"] == conc)
-            assert eng["tokens_per_s"] > seq["tokens_per_s"], (eng, seq)
+    for r in rows:
+        if r["series"] == "engine":
+            ratios = " ".join(f"{k}={v:.2f}x" for k, v in r["ratios"].items())
+            agree = " ".join(f"{k}={v:.0%}" for k, v in r.get("agreement", {}).items())
+            print(f"engine / others at {r['concurrency']:>2}: {ratios}" + (f"; same tokens: {agree}" if agree else ""))
+    assert not failures, "\n".join(f"{o.gate}: {o.message}" for o in failures)
 
 
 def test_engine_throughput_cpu(bench_session):
@@ -196,8 +366,14 @@ def test_engine_throughput_cpu(bench_session):
 
 
 def llava_7b_config() -> LlavaConfig:
-    """LLaVA-1.5-7B's shapes: CLIP-L/14-336 (576 image tokens), 2-layer GELU projector, Vicuna/Llama-2-7B."""
-    return LlavaConfig(vision=VisionConfig(), text=TextConfig(vocab_size=32064), image_aspect_ratio="pad")
+    """LLaVA-1.5-7B's shapes: CLIP-L/14-336 (576 image tokens), 2-layer GELU projector, Vicuna/Llama-2-7B; the
+    <image> (32000) and <pad> (32001) ids of llava-hf/llava-1.5-7b-hf, which transformers' side needs."""
+    return LlavaConfig(
+        vision=VisionConfig(),
+        text=TextConfig(vocab_size=32064, pad_token_id=32001),
+        image_token_index=32000,
+        image_aspect_ratio="pad",
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (7B-shaped model in bf16)")
@@ -215,5 +391,8 @@ def test_engine_throughput_gpu_7b(bench_session):
         model,
         lambda conc: make_workload(model.config, n=max(conc, 8), max_tokens=128, question=(16, 96), seed=conc),
         lambda conc: EngineConfig(max_num_seqs=conc, max_num_batched_tokens=4096, gpu_memory_utilization=0.5),
-        seq_cap=8,  # one at a time, 64 requests would take minutes; tokens/s does not depend on how many
+        # one at a time, 64 requests of 128 tokens take minutes: transformers answers the first 4 of each
+        # concurrency, and our own generate, one at a time, is left to the CPU run (run_gpu.sh has 9 minutes)
+        seq_cap=4,
+        ours_sequential=False,
     )

@@ -125,8 +125,10 @@ def plot_memory(kind: str, ops: dict[str, dict[str, Any]], path: Path) -> None:
 def plot_throughput(kind: str, recs: list[dict[str, Any]], path: Path) -> None:
     plt = _plt()
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r in recs:
-        series[f"{r['name']}: {r['series']}"].append((r["concurrency"], r["tokens_per_s"]))
+    names = sorted({r["name"] for r in recs})
+    for r in recs:  # one benchmark (bench_engine: engine, hf_sequential, ...): the series name alone
+        label = r["series"] if len(names) == 1 else f"{r['name']}: {r['series']}"
+        series[label].append((r["concurrency"], r["tokens_per_s"]))
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, pts in sorted(series.items()):
         pts.sort()
@@ -134,7 +136,7 @@ def plot_throughput(kind: str, recs: list[dict[str, Any]], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"throughput vs concurrency ({kind})")
+    ax.set_title(f"throughput vs concurrency: {', '.join(names)} ({kind})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -21,7 +21,7 @@ from fastllava import attention as A  # noqa: E402
 from fastllava.kernels import set_kernels  # noqa: E402
 from fastllava.kernels.dispatch import HAS_TRITON  # noqa: E402
 
-CPU_BACKENDS = [b for b in ("sdpa", "flex", "triton") if b in A.available_backends("cpu")]
+CPU_BACKENDS = [b for b in ("sdpa", "sdpa_padded", "flex", "triton") if b in A.available_backends("cpu")]
 TRITON_CPU = "triton" in CPU_BACKENDS
 needs_triton = pytest.mark.skipif(not TRITON_CPU, reason="needs triton with TRITON_INTERPRET=1")
 gpu = pytest.mark.gpu
@@ -253,8 +253,11 @@ def test_available_backends_contents():
 
 
 def test_auto_never_picks_the_interpreter_on_cpu():
-    assert A.resolve_backend("auto", "cpu") == "sdpa"
-    assert A.resolve_backend(None, torch.device("cpu")) == "sdpa"
+    # the padded batch (O(B L^2)), not the interpreter nor the reference's T x T mask
+    assert A.resolve_backend("auto", "cpu") == "sdpa_padded"
+    assert A.resolve_backend(None, torch.device("cpu")) == "sdpa_padded"
+    if torch.cuda.is_available():
+        assert A.resolve_backend("auto", "cuda") != "sdpa_padded"
 
 
 def test_triton_needs_the_interpreter_on_cpu(monkeypatch):

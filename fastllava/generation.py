@@ -155,7 +155,8 @@ def generate(
         streamer.put(input_ids.cpu())
     for step in range(max_new_tokens):
         steps = torch.full((B,), step, device=device, dtype=torch.long)
-        token = sample(logits, temp, tp, tk, seeds, steps)
+        # greedy: the argmax `sample` would return, without its full-vocabulary sort and noise
+        token = logits.argmax(-1) if greedy else sample(logits, temp, tp, tk, seeds, steps)
         token = torch.where(finished, torch.full_like(token, pad), token)
         out.append(token)
         if streamer is not None:

@@ -41,19 +41,23 @@ def test_synthetic_is_deterministic_and_consistent(tmp_path, shapes):
     synthetic.generate(tmp_path / "b", seed=4, n_train=12, n_eval=6, side=32)
     assert _digest(tmp_path / "a") == _digest(shapes)
     assert _digest(tmp_path / "b") != _digest(shapes)
-    # answers follow from the scene: re-derive one scene and check every question kind
+    # answers follow from the scene: re-derive scenes and check every question kind
     rng = random.Random(0)
-    items = synthetic.random_scene(rng)
-    for kind in synthetic.QUESTION_KINDS:
-        q, a = synthetic.question(items, kind, random.Random(1))
-        if kind == "count":
-            assert a == synthetic.COUNT_WORDS[len(items)]
-        else:
-            subject = next(it for it in items if it.shape in q or it.color in q)
-            truth = {"color": subject.color, "shape": subject.shape, "position": subject.slot, "size": subject.size}
-            assert a == truth[kind]
+    for _ in range(20):
+        items = synthetic.random_scene(rng)
+        assert len({(it.shape, it.color, it.size) for it in items}) == 1  # copies of one shape
+        assert len({it.slot for it in items}) == len(items)
+        kinds = synthetic.question_kinds(items)
+        assert ("position" in kinds) == (len(items) == 1)
+        truth = {"count": synthetic.COUNT_WORDS[len(items)], "color": items[0].color, "shape": items[0].shape,
+                 "position": items[0].slot, "size": items[0].size}  # fmt: skip
+        for kind in kinds:
+            assert synthetic.question(items, kind)[1] == truth[kind]
+    with pytest.raises(ValueError, match="one shape"):
+        synthetic.question(synthetic.random_scene(rng, 2), "position")
     evals = json.loads((shapes / "eval.json").read_text())
     assert all(r["conversations"][-1]["value"] == r["answer"] for r in evals)
+    assert [r["kind"] for r in evals] == [synthetic.QUESTION_KINDS[i % 5] for i in range(len(evals))]
     # the colour the image shows at a shape's slot centre is its colour
     from PIL import Image
 
@@ -196,6 +200,25 @@ def test_best_fit_decreasing(seed):
     assert len(bins) <= -(-sum(lengths.values()) // 1024) * 11 // 9 + 1  # BFD's bound: 11/9 OPT + 6/9
     with pytest.raises(ValueError, match="sample 7"):
         best_fit_decreasing([(7, 2000)], 1024)
+
+
+def test_shuffled_packing_mixes_lengths_that_bfd_sorts():
+    """BFD's bins hold near-equal lengths; ``shuffled`` bins are random samples (when length tracks the answer,
+    the difference decides whether a small model learns, see the sampler's docstring)."""
+    n = 640
+    lengths = [30 if i % 2 else 31 for i in range(n)]  # two length classes, e.g. two answers of one token more
+    kw = dict(lengths=lengths, is_multimodal=[True] * n, indices=list(range(n)), token_budget=310, seed=3)
+    bfd = MicroBatchSampler(**kw).micro_batches(0)
+    shuffled = MicroBatchSampler(**kw, strategy="shuffled").micro_batches(0)
+    for bins in (bfd, shuffled):
+        assert sorted(i for b in bins for i in b) == list(range(n))
+        assert all(sum(lengths[i] for i in b) <= 310 for b in bins)
+    mixed = [sum(len({lengths[i] for i in b}) > 1 for b in bins) / len(bins) for bins in (bfd, shuffled)]
+    assert mixed[0] < 0.05 and mixed[1] > 0.9, mixed
+    assert len(shuffled) <= len(bfd) * 1.1  # nearly as tight with small samples
+    assert shuffled == MicroBatchSampler(**kw, strategy="shuffled").micro_batches(0)  # seeded
+    with pytest.raises(ValueError, match="packing strategy"):
+        MicroBatchSampler(**kw, strategy="sorted")
 
 
 def test_sampler_is_seeded_modality_aware_and_split_invariant():

@@ -50,6 +50,13 @@ class TrainingArguments:
     packing: bool = field(default=False, metadata={"help": "pack samples into --packing_max_tokens micro-batches"})
     packing_max_tokens: int = field(default=4096, metadata={"help": "token budget per packed micro-batch"})
     packing_window: int = field(default=8192, metadata={"help": "samples packed together best-fit-decreasing"})
+    packing_strategy: str = field(
+        default="bfd",
+        metadata={
+            "help": "bfd: best-fit-decreasing (tightest; micro-batches of similar lengths) | shuffled: best fit in "
+            "random order (random micro-batch composition; see fastllava.data.sampler)"
+        },
+    )
     model_max_length: int = field(default=2048, metadata={"help": "longest sample (tokens, image slots included)"})
     group_by_modality_length: bool = field(default=False)
     # ---- schedule

@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.data_seed if args.data_seed is not None else args.seed,
         group_by_modality=args.group_by_modality_length or args.packing,
         window=args.packing_window,
+        strategy=args.packing_strategy,
     )
     steps_in_epoch = [sampler.steps_per_epoch(0)]
     if steps_in_epoch[0] == 0:

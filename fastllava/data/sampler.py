@@ -11,9 +11,18 @@ The plan of an epoch is a pure function of (seed, epoch), so resuming at step k 
 nothing. A trailing incomplete step is dropped (and counted).
 
 Packing (``token_budget``): samples are shuffled, split by modality (image vs text-only, LLaVA's
-``group_by_modality_length``) and, window by window, packed best-fit-decreasing: longest first, each into the
-open bin with the least room that still fits it. The bins are then shuffled. Unpacked: micro-batches of
-``batch_size`` samples per modality, shuffled (the padded baseline).
+``group_by_modality_length``) and, window by window, packed by best fit: each sample goes into the open bin
+with the least room that still fits it. The bins are then shuffled. Two orders (``strategy``):
+
+- ``bfd`` (best-fit-decreasing, the default): longest first. The tightest packs, but a bin holds samples of
+  nearly equal length, so a micro-batch is a length-sorted slice of the data -- harmless when length says
+  little about content, harmful when it does: on the synthetic shapes set (where the answer word fixes the
+  length) the default model trained with ``bfd`` micro-batches of ~8 samples stopped at 62% held-out accuracy
+  where random micro-batches reach 100% (same steps, same model, one optimizer step per micro-batch).
+- ``shuffled``: best fit in the shuffled order (no sort). Micro-batches are random samples of the data, as
+  unpacked training's are; packs are slightly less tight when samples are large against the budget.
+
+Unpacked: micro-batches of ``batch_size`` samples per modality, shuffled (the padded baseline).
 """
 
 from __future__ import annotations
@@ -22,14 +31,21 @@ import bisect
 import random
 from dataclasses import dataclass
 
+PACKING_STRATEGIES = ("bfd", "shuffled")
+
 
 def best_fit_decreasing(items: list[tuple[int, int]], budget: int) -> list[list[int]]:
-    """Pack ``(index, length)`` items into bins of ``budget`` tokens; returns bins of indices.
+    """Pack ``(index, length)`` items into bins of ``budget`` tokens, longest first; returns bins of indices."""
+    return best_fit(sorted(items, key=lambda x: (-x[1], x[0])), budget)
+
+
+def best_fit(items: list[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Pack ``(index, length)`` items, in the order given, into bins of ``budget`` tokens; returns bins of indices.
 
     O(n log n): open bins are kept sorted by remaining room, and each item goes to the first bin (least
     room) whose room is at least its length.
     """
-    order = sorted(items, key=lambda x: (-x[1], x[0]))
+    order = items
     rooms: list[tuple[int, int]] = []  # (room, bin id), sorted
     bins: list[list[int]] = []
     for idx, length in order:
@@ -59,6 +75,11 @@ class MicroBatchSampler:
     seed: int = 42
     group_by_modality: bool = True
     window: int = 8192  # samples packed together (bounds BFD's length sorting to a window: keeps randomness)
+    strategy: str = "bfd"  # bfd | shuffled (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"packing strategy must be one of {PACKING_STRATEGIES}, got {self.strategy!r}")
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
         """All micro-batches of ``epoch`` in order."""
@@ -75,7 +96,9 @@ class MicroBatchSampler:
             for start in range(0, len(group), self.window if self.token_budget else len(group) or 1):
                 chunk = group[start : start + (self.window if self.token_budget else len(group))]
                 if self.token_budget:
-                    bins = best_fit_decreasing([(i, self.lengths[i]) for i in chunk], self.token_budget)
+                    items = [(i, self.lengths[i]) for i in chunk]
+                    pack = best_fit_decreasing if self.strategy == "bfd" else best_fit
+                    bins = pack(items, self.token_budget)
                     batches.extend(bins)
                 else:
                     batches.extend(chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size))

@@ -24,11 +24,11 @@ def demo_question(seed: int = 0):
     """A picture from the synthetic shapes set, a question about it, and the true answer."""
     import random
 
-    from fastllava.data.synthetic import QUESTION_KINDS, SUFFIX, draw_scene, question, random_scene
+    from fastllava.data.synthetic import SUFFIX, draw_scene, question, question_kinds, random_scene
 
     rng = random.Random(seed)
     items = random_scene(rng)
-    q, answer = question(items, rng.choice(QUESTION_KINDS), rng)
+    q, answer = question(items, rng.choice(question_kinds(items)))
     return draw_scene(items), q + SUFFIX, answer
 
 

@@ -70,27 +70,37 @@ def run_embedded(
     data_dir: str | Path | None = None,
     seed: int = 0,
     n_eval: int = 500,
-    conv_mode: str = "llava_v1",
+    conv_mode: str | None = None,
     batch_size: int | None = None,
     max_new_tokens: int = 8,
     extra_args: list[str] | None = None,
     resume: bool = False,
 ) -> dict:
-    """Answer and score the held-out split; returns the metrics (also written to ``out/metrics.json``)."""
+    """Answer and score the held-out split; returns the metrics (also written to ``out/metrics.json``).
+
+    ``conv_mode`` None: LLaVA's guess from the model's folder name, as the worker makes it (the default model's
+    name picks the template it was trained with). A server applies its own template to the chat requests, so
+    ``conv_mode`` does not change what it is asked.
+    """
+    from fastllava.conversation import guess_conv_mode
     from fastllava.default_model import cache_dir, default_model_path
+    from fastllava.mm_utils import get_model_name_from_path
 
     from .model_vqa import build_parser, run
 
     data_dir = Path(data_dir) if data_dir else cache_dir() / f"shapes-heldout-seed{seed}-n{n_eval}"
     questions = held_out_split(data_dir, seed, n_eval)
     out = Path(out)
+    if not server_url:
+        model_path = str(model_path or default_model_path())
+    conv_mode = conv_mode or ("llava_v1" if server_url else guess_conv_mode(get_model_name_from_path(model_path)))
     argv = ["--question-file", str(questions), "--image-folder", str(data_dir / "images")]
     argv += ["--answers-file", str(out / "answers.jsonl"), "--conv-mode", conv_mode, "--temperature", "0"]
     argv += ["--max_new_tokens", str(max_new_tokens)] + ([] if resume else ["--overwrite"])
     if server_url:
         argv += ["--server-url", server_url]
     else:
-        argv += ["--model-path", str(model_path or default_model_path())]
+        argv += ["--model-path", model_path]
     if batch_size:
         argv += ["--batch-size", str(batch_size)]
     args = build_parser().parse_args(argv + list(extra_args or []))
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=None, help="where the split is generated (default: the fastllava cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-eval", type=int, default=500)
-    p.add_argument("--conv-mode", default="llava_v1")
+    p.add_argument("--conv-mode", default=None, help="default: guessed from the model's name, as LLaVA does")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=8)
     p.add_argument("--resume", action="store_true", help="keep the answers already in --out (same model only)")

@@ -1,7 +1,8 @@
 """Where the embedded default model lives.
 
-The trained default (see `train/recipes/`) ships under `fastllava/assets/llava-v1-tiny-shapes/` (the name
-makes LLaVA's conv-mode guess pick `llava_v1`, the template it was trained with). Without it (a
+The trained default (see `train/recipes/default.py`) ships under
+`fastllava/assets/llava-tiny-shapes-mistral-instruct/`: the name makes LLaVA's conv-mode guess pick
+`mistral_instruct`, the template it was trained with (its language model is a tiny Llama). Without it (a
 checkout where it has not been trained yet), a tiny random-weight LLaVA is built locally once and cached under
 `$FASTLLAVA_CACHE` (default `~/.cache/fastllava`), so the commands still run end to end, offline.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "llava-v1-tiny-shapes"
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "llava-tiny-shapes-mistral-instruct"
 
 
 def cache_dir() -> Path:
@@ -19,9 +20,15 @@ def cache_dir() -> Path:
 
 
 def default_model_path() -> Path:
-    """A local llava-hf checkpoint folder for the default model (built on first use if not shipped)."""
+    """A local llava-hf checkpoint folder for the default model (the random fallback if not shipped)."""
     if (ASSET_DIR / "config.json").is_file():
         return ASSET_DIR
+    return random_model_path()
+
+
+def random_model_path() -> Path:
+    """A tiny random-weight LLaVA (llava_v1 prompts), built locally on first use and cached: the fallback, and
+    the model the serving tests run (it never stops early, so streams and aborts have tokens to work on)."""
     target = cache_dir() / "tiny-llava-random"
     if not (target / "config.json").is_file():
         from fastllava.model.export import save_llava_hf

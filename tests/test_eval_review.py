@@ -237,8 +237,9 @@ def test_gpt_review_end_to_end_with_fastllava_server(fastllava_server, tmp_path)
 
 def test_embedded_server_matches_local_model(fastllava_server, tmp_path):
     data = tmp_path / "shapes"
+    # the worker runs --conv-mode llava_v1 (the folder name "tiny-llava" would make both guess llava_v0)
     local = embedded.run_embedded(str(fastllava_server["model"]), out=tmp_path / "local", data_dir=data, n_eval=10,
-                                  extra_args=["--no-progress"])  # fmt: skip
+                                  conv_mode="llava_v1", extra_args=["--no-progress"])  # fmt: skip
     served = embedded.run_embedded(server_url=fastllava_server["url"], out=tmp_path / "served", data_dir=data,
                                    n_eval=10, extra_args=["--no-progress"])  # fmt: skip
     texts = [[r["text"] for r in A.read_jsonl(tmp_path / d / "answers.jsonl")] for d in ("local", "served")]

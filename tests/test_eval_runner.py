@@ -184,7 +184,7 @@ def test_embedded_matches_train_evaluate(ckpt, shapes, loaded, tmp_path):
     from fastllava.train.evaluate import evaluate, greedy_answers
 
     m = embedded.run_embedded(str(ckpt), out=tmp_path / "emb", data_dir=shapes, seed=3, n_eval=24,
-                              max_new_tokens=4, extra_args=["--no-progress"])  # fmt: skip
+                              conv_mode="llava_v1", max_new_tokens=4, extra_args=["--no-progress"])  # fmt: skip
     tok, model, proc, _ = loaded
     acc, _kinds, n = evaluate(model, tok, proc, shapes / "eval.json", shapes / "images", "llava_v1")
     assert m["samples"] == n == 24 and m["accuracy"] == pytest.approx(100 * acc)
@@ -229,21 +229,24 @@ def test_beam_search_is_refused(ckpt, shapes, tmp_path):
     assert not os.path.exists(tmp_path / "x.jsonl")
 
 
-@pytest.mark.skipif(
-    not (ASSET_DIR / "config.json").is_file(),
-    reason="the trained default model is not shipped in this checkout",
-)
 def test_default_model_reproduces_train_evaluate(tmp_path):
-    """The trained default model on the held-out split: the accuracy ``train.evaluate`` reports, per kind too."""
+    """The shipped default model on the embedded benchmark (model_vqa through the engine): the accuracy its
+    training run recorded (``eval_result.json``) and that ``train.evaluate`` computes, per kind too."""
     from fastllava.default_model import default_model_path
     from fastllava.train.evaluate import evaluate
+    from fastllava.train.recipes.default import TEMPLATE
 
+    assert default_model_path() == ASSET_DIR
     data = tmp_path / "shapes"
-    m = embedded.run_embedded(out=tmp_path / "emb", data_dir=data, seed=0, n_eval=500, extra_args=["--no-progress"])
-    tok, model, proc, _ = load_pretrained_model(str(default_model_path()), device="cpu")
-    acc, kinds, n = evaluate(model, tok, proc, data / "eval.json", data / "images", "llava_v1")
-    assert m["samples"] == n and m["accuracy"] == pytest.approx(100 * acc)
+    m = embedded.run_embedded(
+        out=tmp_path / "emb", data_dir=data, seed=0, n_eval=500, conv_mode=TEMPLATE, extra_args=["--no-progress"]
+    )
+    tok, model, proc, _ = load_pretrained_model(str(ASSET_DIR), device="cpu")
+    acc, kinds, n = evaluate(model, tok, proc, data / "eval.json", data / "images", TEMPLATE)
+    assert m["samples"] == n == 500 and m["accuracy"] == pytest.approx(100 * acc)
     assert m["per_kind"] == pytest.approx({k: 100 * v for k, v in kinds.items()})
+    recorded = json.loads((ASSET_DIR / "eval_result.json").read_text())
+    assert m["accuracy"] == pytest.approx(100 * recorded["accuracy"]) and m["accuracy"] >= 95
 
 
 def test_repeated_question_ids_resume_and_merge(tmp_path):

@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 
 from fastllava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
 from fastllava.conversation import conv_templates  # noqa: E402
-from fastllava.default_model import default_model_path  # noqa: E402
+from fastllava.default_model import random_model_path  # noqa: E402
 from fastllava.mm_utils import tokenizer_image_token  # noqa: E402
 from fastllava.serve import protocol as P  # noqa: E402
 from fastllava.serve.controller import Registry  # noqa: E402
@@ -66,7 +66,7 @@ def _msgs(*images: str, text: str = "What color is the shape?") -> list[dict]:
 @pytest.fixture(scope="module")
 def stack():
     """Controller (token + API key) and one worker; the worker also serves alone (no API key on it)."""
-    model = default_model_path()
+    model = random_model_path()  # the stack under test, on a model that never stops early
     tmp = Path(tempfile.mkdtemp(prefix="fastllava-test-serve-"))
     allowed = tmp / "allowed"
     allowed.mkdir()

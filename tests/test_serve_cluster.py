@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from fastllava.default_model import default_model_path  # noqa: E402
+from fastllava.default_model import random_model_path  # noqa: E402
 from fastllava.serve.launcher import Proc, free_port, module_cmd, wait_http  # noqa: E402
 
 TOKEN = "cluster-token"
@@ -31,7 +31,7 @@ EXPIRY = 4.0
 
 @pytest.fixture(scope="module")
 def cluster():
-    model = default_model_path()
+    model = random_model_path()  # the stack under test, on a model that never stops early
     tmp = Path(tempfile.mkdtemp(prefix="fastllava-test-cluster-"))
     env = {**os.environ, "FASTLLAVA_WORKER_TOKEN": TOKEN}
     cport = free_port()

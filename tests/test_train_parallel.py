@@ -74,11 +74,15 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in _history(out)]
 
 
-def _assert_same_weights(a: Path, b: Path, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+def _assert_same_weights(a: Path, b: Path, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Same weights. ``atol`` 1e-5 (0.5% of lr 2e-3): Adam divides a gradient by its own running RMS, so in an
+    embedding row of a token seen once or twice, float reduction-order noise in a near-zero gradient (engines
+    sum in different orders) moves the weight by a visible fraction of lr -- measured 4.9e-6 in one of 65,536
+    elements; the loss curves and grad norms above are compared at 1e-5 relative."""
     wa, wb = load_file(str(a)), load_file(str(b))
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=rtol, atol=atol, msg=k)
+        torch.testing.assert_close(wb[k], wa[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")

@@ -505,3 +505,19 @@ def test_cuda_graph_decode_matches_eager_gpu(dtype):
     if dtype == torch.float32:
         assert graphed == eager
     assert sum(log) > 0
+
+
+def test_failed_graph_capture_falls_back_to_eager_decode(model, monkeypatch, caplog):
+    """An op that cannot be captured must not take serving down: the runner decodes eagerly and says why."""
+    from fastllava.engine import runner as R
+    from fastllava.engine.encoder_cache import EncoderCache
+
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(R, "DecodeGraphs", refuse)
+    with caplog.at_level("WARNING", logger=R.__name__):
+        run = R.ModelRunner(model, 16, 16, EncoderCache(1 << 20), decode_max_batch=8, capture_graphs=True)
+    assert run.decode_graphs is None and "decoding eagerly" in caplog.text
+    with pytest.raises(RuntimeError, match="stream is capturing"):  # the capture-free path has no excuse
+        R.ModelRunner(model, 16, 16, EncoderCache(1 << 20), decode_max_batch=8, capture_graphs=False)

@@ -13,6 +13,8 @@ go in ``image_features``, with chunk-local ``image_offsets``/``image_counts``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fastllava.engine.decode_graphs import DecodeGraphs
@@ -22,6 +24,8 @@ from fastllava.engine.scheduler import SchedulerOutput
 from fastllava.generation import sample
 from fastllava.model.language import AttnMetadata, KVCache
 from fastllava.packing import PackedBatch, image_feature_index, image_tiles
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -53,14 +57,22 @@ class ModelRunner:
         self._feature_index: dict[tuple[int, int], torch.Tensor] = {}
         self.decode_graphs: DecodeGraphs | None = None
         if bucketed:
-            self.decode_graphs = DecodeGraphs(
-                model,
-                self.kv,
-                scratch_block=num_blocks,
-                max_batch=decode_max_batch,
-                max_model_len=max_model_len or self.cfg.text.max_position_embeddings,
-                capture=capture_graphs,
-            )
+            try:
+                self.decode_graphs = DecodeGraphs(
+                    model,
+                    self.kv,
+                    scratch_block=num_blocks,
+                    max_batch=decode_max_batch,
+                    max_model_len=max_model_len or self.cfg.text.max_position_embeddings,
+                    capture=capture_graphs,
+                )
+            except RuntimeError as exc:
+                if not capture_graphs:
+                    raise
+                # an op that cannot be captured (a backend or kernel we have not run under capture): serve
+                # with eager decode rather than not at all
+                log.warning("CUDA graph capture of the decode step failed, decoding eagerly: %s", exc)
+                self.decode_graphs = None
 
     # ------------------------------------------------------------------------------------ step
     @torch.inference_mode()

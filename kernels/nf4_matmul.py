@@ -144,19 +144,20 @@ if HAS_TRITON:
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # W's packed byte j holds columns 2j (hi nibble) and 2j+1 (lo): x's even columns meet hi, odd ones lo, as
+        # two dots over K/2 (interleaving hi/lo into one [N, K] tile with tl.join + reshape fails Triton 3.6's
+        # sm_90 compiler in TritonGPUOptimizeDotOperands; tests/sm90_compile.py checks this)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
-                mask=(m[:, None] < M) & (k[None, :] < K),
-                other=0.0,
-            )
             jh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            xmask = (m[:, None] < M) & (jh[None, :] < K // 2)
+            xp = x_ptr + m[:, None].to(tl.int64) * stride_xm + 2 * jh[None, :]
+            x_even = tl.load(xp, mask=xmask, other=0.0)
+            x_odd = tl.load(xp + 1, mask=xmask, other=0.0)
             hi, lo = _dequant_tile(
                 q_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, rows, jh, N, K, BLOCKSIZE, NESTED, NBS
             )
-            w = tl.join(hi.to(x.dtype), lo.to(x.dtype)).reshape(BLOCK_N, BLOCK_K)  # interleave: column 2j, 2j+1
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            acc = tl.dot(x_even, tl.trans(hi.to(x_even.dtype)), acc, input_precision=PRECISION)
+            acc = tl.dot(x_odd, tl.trans(lo.to(x_odd.dtype)), acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         omask = (m[:, None] < M) & (rows[None, :] < N)
@@ -190,9 +191,10 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         jh = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        # dx's even columns come from W's hi nibbles, odd ones from lo (see _nf4_gemm_kernel: no tl.join)
+        acc_even = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+        acc_odd = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             g = tl.load(
@@ -203,10 +205,12 @@ if HAS_TRITON:
             hi, lo = _dequant_tile(
                 q_ptr, absmax_ptr, code_ptr, nabs_ptr, ncode_ptr, offset_ptr, rows, jh, N, K, BLOCKSIZE, NESTED, NBS
             )
-            w = tl.join(hi.to(g.dtype), lo.to(g.dtype)).reshape(BLOCK_N, BLOCK_K)
-            acc = tl.dot(g, w, acc, input_precision=PRECISION)
-        dmask = (m[:, None] < M) & (k[None, :] < K)
-        tl.store(dx_ptr + m[:, None].to(tl.int64) * stride_dm + k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dmask)
+            acc_even = tl.dot(g, hi.to(g.dtype), acc_even, input_precision=PRECISION)
+            acc_odd = tl.dot(g, lo.to(g.dtype), acc_odd, input_precision=PRECISION)
+        dmask = (m[:, None] < M) & (jh[None, :] < K // 2)
+        dp = dx_ptr + m[:, None].to(tl.int64) * stride_dm + 2 * jh[None, :]
+        tl.store(dp, acc_even.to(dx_ptr.dtype.element_ty), mask=dmask)
+        tl.store(dp + 1, acc_odd.to(dx_ptr.dtype.element_ty), mask=dmask)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -15,6 +15,9 @@ per launch is required). Exit status 1 on any failure; `tests/test_sm90_compile.
 fp32 attention configs: ~6 min of compiling on 2 cores). `--selftest` shows the check catches an oversized kernel.
 Not covered: register spills and anything only a run shows (numerics, speed): that is `pytest -m gpu` on a GPU.
 The script relies on Triton internals (`JITFunction.run`, `Autotuner.run`, the active driver) as of Triton 3.6-3.9.
+To check the GPU machine's Triton too: `python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install
+triton==3.6.0`, then run this script with `/tmp/t36/bin/python`. (That run found the NF4 GEMM and grad-x kernels
+failing to compile under Triton 3.6 in bf16/fp16, which 3.9 and the interpreter accepted.)
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class Recorder:
     def __init__(self):
         self.compiled: list[dict] = []
         self.case = ""
-        self._tuning = False
+        self._tuned_keys: set[str] = set()  # the current autotune config's kwargs, while compiling its configs
 
     def install(self) -> None:
         run, recorder = JITFunction.run, self
@@ -82,12 +82,18 @@ class Recorder:
                 {
                     "case": recorder.case,
                     "kernel": fn.fn.__name__,
-                    "autotuned": recorder._tuning,
+                    "autotuned": bool(recorder._tuned_keys),
                     "num_warps": kernel.metadata.num_warps,
                     "num_stages": kernel.metadata.num_stages,
                     "shared_bytes": kernel.metadata.shared,
                     "cubin_bytes": len(kernel.asm.get("cubin", b"")),
-                    "constexprs": {k: v for k, v in kwargs.items() if isinstance(v, (int, bool, str))},
+                    # the launch's own arguments, then the autotune config's (block sizes, warps, stages)
+                    "constexprs": {
+                        k: v
+                        for k, v in kwargs.items()
+                        if isinstance(v, (int, bool, str)) and k not in recorder._tuned_keys
+                    },
+                    "config": {k: v for k, v in kwargs.items() if k in recorder._tuned_keys},
                     "compile_s": round(time.perf_counter() - start, 2),
                 }
             )
@@ -97,12 +103,12 @@ class Recorder:
             # compile every config (what the autotuner would benchmark); no grid is needed to compile
             kwargs.pop("grid", None)
             kwargs.pop("warmup", None)
-            recorder._tuning = True
             try:
                 for config in tuner.configs:
+                    recorder._tuned_keys = set(config.all_kwargs())
                     tuner.fn.run(*args, grid=(1,), warmup=True, **kwargs, **config.all_kwargs())
             finally:
-                recorder._tuning = False
+                recorder._tuned_keys = set()
 
         JITFunction.run = compile_only_run
         Autotuner.run = autotune_all
@@ -269,7 +275,7 @@ def check(records: list[dict]) -> list[str]:
     for r in records:
         fits = r["shared_bytes"] <= SM90_MAX_SHARED
         if r["autotuned"]:
-            key = (r["case"], r["kernel"], json.dumps({k: v for k, v in r["constexprs"].items() if "BLOCK" not in k}))
+            key = (r["case"], r["kernel"], json.dumps(r["constexprs"], sort_keys=True))
             tuned[key] = tuned.get(key, False) or fits
         elif not fits:
             problems.append(f"{r['case']}: {r['kernel']} needs {r['shared_bytes']} B of shared memory ({r})")

@@ -1,7 +1,7 @@
 """Fused RMSNorm (Llama), with an optional residual add in the same pass.
 
     y = weight * (x_fp32 * rsqrt(mean(x_fp32 ** 2) + eps)).to(x.dtype)          # transformers' LlamaRMSNorm
-    y, h = rms_norm(x, weight, eps, residual=r)   # h = x + r (in x.dtype), y = rms_norm(h)
+    y, h = rms_norm(x, weight, eps, residual=r)   # h = x + r (promoted dtype), y = rms_norm(h)
 
 Forward: one program per row; the row (hidden size padded to a power of two, masked) stays in registers, the
 statistics are fp32, and the per-row 1/rms is kept for the backward. With a residual the sum `h` is written
@@ -45,14 +45,15 @@ if HAS_TRITON:
         x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
-            # Round the sum to x.dtype exactly as the unfused `x + residual` would, then normalise that.
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            # Round the sum to h's dtype (x's and the residual's promoted) exactly as the unfused `x + residual`
+            # would, then normalise that.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
             tl.store(h_ptr + row * h_stride + cols, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
         tl.store(rstd_ptr + row, rstd)
         # LlamaRMSNorm's cast order: normalise in fp32, cast to the input dtype, then multiply by the weight.
-        normed = (xf * rstd).to(x.dtype)
+        normed = (xf * rstd).to(y_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         y = w.to(tl.float32) * normed.to(tl.float32)
         tl.store(y_ptr + row * y_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -120,14 +121,19 @@ def _launch_shape(n_cols: int) -> tuple[int, int]:
 def rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Launch the forward: returns ``(y, h, rstd)``; ``h = x + residual`` (None without a residual), ``rstd`` [M]."""
+    """Launch the forward: returns ``(y, h, rstd)``; ``h = x + residual`` (None without a residual), ``rstd`` [M].
+
+    ``h`` and ``y`` take the promoted dtype of ``x`` and ``residual``, as the unfused sum does: under autocast a
+    bf16 sublayer output added to an fp32 residual stream keeps the stream in fp32.
+    """
     n = x.shape[-1]
     x2 = _rows(x, n)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = torch.empty((m, n), dtype=dtype, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     r2 = _rows(residual, n) if residual is not None else None
-    h = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else None
+    h = torch.empty((m, n), dtype=dtype, device=x.device) if residual is not None else None
     if m > 0:
         block_n, num_warps = _launch_shape(n)
         _rms_norm_fwd_kernel[(m,)](
@@ -166,18 +172,21 @@ def rms_norm_bwd(
     weight: torch.Tensor,
     rstd: torch.Tensor,
     with_residual: bool,
+    x_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the backward on the normalised input ``h`` (x, or x + residual): returns ``(dx, dresidual, dweight)``.
 
-    ``dh`` is the gradient flowing into the returned residual stream ``h`` (None when there is none).
+    ``dh`` is the gradient flowing into the returned residual stream ``h`` (None when there is none); ``dx`` and
+    ``dresidual`` are written in their inputs' dtypes (default: ``h``'s).
     """
     n = h.shape[-1]
     h2 = _rows(h, n)
     m = h2.shape[0]
     dy2 = _rows(dy, n)
     dh2 = _rows(dh, n) if dh is not None else None
-    dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
-    dr = torch.empty((m, n), dtype=h.dtype, device=h.device) if with_residual else None
+    dx = torch.empty((m, n), dtype=x_dtype or h.dtype, device=h.device)
+    dr = torch.empty((m, n), dtype=residual_dtype or h.dtype, device=h.device) if with_residual else None
     programs = _num_programs(h.device, m)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=h.device)
     if m > 0:
@@ -215,20 +224,22 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps, residual):
         y, h, rstd = rms_norm_fwd(x, weight, eps, residual)
         ctx.has_residual = residual is not None
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
         ctx.save_for_backward(h if h is not None else x, weight, rstd)
         return y if h is None else (y, h)
 
     @staticmethod
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
-        dx, dr, dw = rms_norm_bwd(dy, dh, h, weight, rstd, ctx.has_residual)
+        dx, dr, dw = rms_norm_bwd(dy, dh, h, weight, rstd, ctx.has_residual, *ctx.dtypes)
         return dx, dw, None, dr
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim (LlamaRMSNorm numerics); output in ``x.dtype``.
+    """RMSNorm over the last dim (LlamaRMSNorm numerics); output in ``x.dtype`` (with a residual: in the dtype of
+    ``x + residual``).
 
     With ``residual``, returns ``(rms_norm(x + residual), x + residual)`` computed in one pass (pre-norm blocks
     carry the second output forward as the residual stream).

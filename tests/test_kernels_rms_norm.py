@@ -83,6 +83,28 @@ def test_rms_norm_mixed_weight_dtype(triton_kernels):
     torch.testing.assert_close(out, rms_norm_ref(x, w), **TOL[torch.float16])
 
 
+def test_rms_norm_residual_keeps_the_promoted_dtype(triton_kernels):
+    """Autocast adds a half-precision sublayer output to an fp32 residual stream: like the unfused sum, the stream
+    and the output stay fp32 (not rounded to fp16), and each gradient comes back in its input's dtype."""
+    torch.manual_seed(3)
+    x = torch.randn(7, 200, device=DEVICE, dtype=torch.float16)
+    residual = 100 * torch.randn(7, 200, device=DEVICE)  # large: fp16 rounding of the sum would show at 1e-2
+    w = 1 + 0.1 * torch.randn(200, device=DEVICE)
+    dy, dh = torch.randn(7, 200, device=DEVICE), torch.randn(7, 200, device=DEVICE)
+    results = []
+    for fn in (rms_norm, rms_norm_ref):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, residual)]
+        y, h = fn(leaves[0], leaves[1], 1e-6, leaves[2])
+        torch.autograd.backward((y, h), (dy, dh))
+        results.append((y, h, *(t.grad for t in leaves)))
+    ours, ref = results
+    assert (
+        [t.dtype for t in ours] == [t.dtype for t in ref] == [torch.float32] * 2 + [torch.float16] + [torch.float32] * 2
+    )
+    for name, a, b in zip(("y", "h", "dx", "dweight", "dresidual"), ours, ref, strict=True):
+        torch.testing.assert_close(a, b, **TOL[b.dtype], msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_rms_norm_dispatch_uses_reference_when_forced_to_torch():
     previous = set_kernels("torch")
     try:

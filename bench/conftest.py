@@ -19,9 +19,10 @@ import pytest
 import torch
 
 # `bench` is a package at the repository root, not an installed one: make `from bench.harness import ...` work
-# under `--import-mode=importlib` (pyproject's addopts). Appended, so installed distributions keep priority.
+# under `--import-mode=importlib` (pyproject's addopts), and `fastllava` from an uninstalled checkout (the GPU
+# machine has no registry to `pip install -e .` from). Appended, so installed distributions keep priority.
 _ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("bench") is None:
+if importlib.util.find_spec("bench") is None or importlib.util.find_spec("fastllava") is None:
     sys.path.append(str(_ROOT))
 
 from bench.harness import BenchFixture, BenchSession  # noqa: E402

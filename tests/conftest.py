@@ -7,6 +7,7 @@ before anything imports triton; conftest runs before every test module, which ma
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -16,6 +17,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # make `kernel_testing` importable
+# An uninstalled checkout (the GPU machine has no registry to `pip install -e .` from): `--import-mode=importlib`
+# (pyproject's addopts) does not put the repository root on sys.path. Appended, so an install keeps priority.
+if importlib.util.find_spec("fastllava") is None:
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 

@@ -5,23 +5,20 @@ bnb-4bit key layout, whole-model quantization, QLoRA through peft, and the CUDA 
     pytest tests/test_nf4.py
 """
 
+import importlib.util
+import io
+import json
 import os
+import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import pytest
+import torch
+import torch.nn as nn
 
-import importlib.util  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import warnings  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from fastllava.kernels.dispatch import HAS_TRITON, set_kernels  # noqa: E402
-from fastllava.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_ref  # noqa: E402
-from fastllava.kernels.nf4_matmul import nf4_gemv_fwd, nf4_matmul, nf4_matmul_ref  # noqa: E402
-from fastllava.quantization import (  # noqa: E402
+from fastllava.kernels.dispatch import HAS_TRITON, set_kernels
+from fastllava.kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_ref
+from fastllava.kernels.nf4_matmul import nf4_gemv_fwd, nf4_matmul, nf4_matmul_ref
+from fastllava.quantization import (
     Linear4bit,
     QuantState,
     dequantize_nf4,

@@ -6,8 +6,9 @@
 # OUTDIR gets: results.jsonl (one record per benchmark), pytest-benchmark.json, pytest.log, env.txt, plots/
 # (speedup_<device>.png, memory_<device>.png, summary.md). The exit status is pytest's: non-zero when a gate
 # failed. BENCH_TIMEOUT (seconds, default 540) bounds the pytest run so the plots are still drawn after it.
-# Liger-Kernel baselines need `liger_kernel` importable; on a machine without network, a wheel placed in
-# .whl/ (e.g. `pip download --no-deps liger-kernel -d .whl/` on a connected machine) is installed from there.
+# Liger-Kernel and bitsandbytes baselines need `liger_kernel` / `bitsandbytes` importable; on a machine without
+# network, wheels placed in .whl/ (e.g. `pip download --no-deps liger-kernel bitsandbytes -d .whl/` on a connected
+# machine, for the GPU machine's Python) are installed from there.
 set -uo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -18,13 +19,13 @@ OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "run_gpu.sh: no CUDA device visible to torch; for the CPU suite run: pytest bench" >&2
     exit 3
 fi
-if ! python -c "import liger_kernel" 2>/dev/null && compgen -G ".whl/liger_kernel-*.whl" >/dev/null; then
-    python -m pip install --no-deps --no-index .whl/liger_kernel-*.whl >"$OUT/pip-liger.log" 2>&1 ||
-        echo "run_gpu.sh: could not install the Liger wheel from .whl/ (see $OUT/pip-liger.log)" >&2
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install --no-deps --no-index .whl/*.whl >"$OUT/pip-wheels.log" 2>&1 ||
+        echo "run_gpu.sh: could not install the wheels in .whl/ (see $OUT/pip-wheels.log)" >&2
 fi
 
 {
@@ -32,11 +33,11 @@ fi
     git rev-parse HEAD
     git status --short --untracked-files=no
     nvidia-smi
-    python - <<'EOF'
+    python3 - <<'EOF'
 import importlib.metadata as md
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
-for dist in ("triton", "transformers", "liger-kernel", "pytest-benchmark", "matplotlib"):
+for dist in ("triton", "transformers", "liger-kernel", "bitsandbytes", "pytest-benchmark", "matplotlib"):
     try:
         print(dist, md.version(dist))
     except md.PackageNotFoundError:
@@ -52,7 +53,7 @@ timeout --signal=INT --kill-after=30 "${BENCH_TIMEOUT:-540}" \
 status=${PIPESTATUS[0]}
 
 if [[ -s "$OUT/results.jsonl" ]]; then
-    python -m bench.plot "$OUT/results.jsonl" --out "$OUT/plots" 2>&1 | tee -a "$OUT/pytest.log"
+    python3 -m bench.plot "$OUT/results.jsonl" --out "$OUT/plots" 2>&1 | tee -a "$OUT/pytest.log"
     echo "run_gpu.sh: results in $OUT (summary: $OUT/plots/summary.md), pytest exit status $status"
 else
     echo "run_gpu.sh: no results were written (pytest exit status $status)" >&2

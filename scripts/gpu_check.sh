@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command that fits one ~10-minute device call (H100/H200):
+#
+#   bash scripts/gpu_check.sh OUTDIR [extra pytest args for the benchmark suite, e.g. -k "rms_norm or engine"]
+#
+# 1. the GPU-marked tests (`pytest -m gpu tests`: bf16 kernels, CUDA-graph decode, the CUDA NF4 GEMV, ...),
+#    bounded by TESTS_TIMEOUT seconds (default 200), log and JUnit XML in OUTDIR/tests.*;
+# 2. the benchmark suite through bench/run_gpu.sh, bounded by BENCH_TIMEOUT (default 300), into OUTDIR/bench
+#    (results.jsonl, plots/summary.md, env.txt).
+# Works from an uninstalled checkout (the conftests put the repository on sys.path) on a machine without a
+# package registry: wheels carried in .whl/ (liger-kernel, bitsandbytes) are installed first. The exit status
+# is non-zero when either phase failed; both phases always run.
+set -uo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: bash scripts/gpu_check.sh OUTDIR [pytest args for the benchmarks...]" >&2
+    exit 2
+fi
+OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
+shift
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: no CUDA device visible to torch; on CPU run: bash scripts/test.sh" >&2
+    exit 3
+fi
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install --no-deps --no-index .whl/*.whl >"$OUT/pip-wheels.log" 2>&1 ||
+        echo "gpu_check.sh: could not install the wheels in .whl/ (see $OUT/pip-wheels.log)" >&2
+fi
+
+start=$SECONDS
+# `pytest`, not `python -m pytest` (see bench/run_gpu.sh); TRITON_INTERPRET must stay unset on the GPU
+env -u TRITON_INTERPRET timeout --signal=INT --kill-after=20 "${TESTS_TIMEOUT:-200}" \
+    pytest tests -m gpu -q -rfEs -p no:randomly --timeout=150 --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
+tests_status=${PIPESTATUS[0]}
+echo "gpu_check.sh: GPU tests exit status $tests_status in $((SECONDS - start)) s" | tee -a "$OUT/tests.log"
+
+start=$SECONDS
+env -u TRITON_INTERPRET BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}" bash bench/run_gpu.sh "$OUT/bench" "$@"
+bench_status=$?
+echo "gpu_check.sh: benchmarks exit status $bench_status in $((SECONDS - start)) s"
+echo "gpu_check.sh: tests $tests_status, benchmarks $bench_status; results in $OUT"
+((tests_status == 0 && bench_status == 0))

@@ -46,6 +46,27 @@ def _image(rng, h, w, mode="RGB"):
     raise ValueError(mode)
 
 
+def _hf_composites_alpha() -> bool:
+    """Whether transformers' `convert_to_rgb` composites RGBA onto white, as our processor does (5.25 does; 5.17,
+    the GPU machine's, drops the alpha channel)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    return convert_to_rgb(Image.new("RGBA", (1, 1), (200, 100, 50, 0))).getpixel((0, 0)) == (255, 255, 255)
+
+
+HF_COMPOSITES_ALPHA = _hf_composites_alpha()
+
+
+def _hf(img):
+    """The image as given to the transformers processor: on releases that drop alpha, composited onto white by
+    PIL first, so the comparison still checks everything after the RGB conversion."""
+    if isinstance(img, list):
+        return [_hf(i) for i in img]
+    if HF_COMPOSITES_ALPHA or img.mode != "RGBA":
+        return img
+    return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+
+
 def _assert_same(ours: torch.Tensor, ref: torch.Tensor):
     assert ours.shape == ref.shape and ours.dtype == ref.dtype == torch.float32
     assert torch.equal(ours, ref), f"max abs diff {(ours - ref).abs().max().item()}"
@@ -63,7 +84,7 @@ def test_clip_matches_transformers(mode):
     assert ours.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     for h, w in ODD_SIZES:
         img = _image(rng, h, w, mode)
-        _assert_same(ours(img)["pixel_values"], ref(img, return_tensors="pt")["pixel_values"])
+        _assert_same(ours(img)["pixel_values"], ref(_hf(img), return_tensors="pt")["pixel_values"])
 
 
 def test_clip_batch_and_non_default_settings():
@@ -79,10 +100,10 @@ def test_clip_batch_and_non_default_settings():
         ref = CLIPImageProcessorPil(**kwargs)
         ours = ImageProcessor.from_dict(ref.to_dict())
         if ours.do_resize:
-            _assert_same(ours(imgs)["pixel_values"], ref(imgs, return_tensors="pt")["pixel_values"])
+            _assert_same(ours(imgs)["pixel_values"], ref(_hf(imgs), return_tensors="pt")["pixel_values"])
         else:  # uncropped sizes differ per image: compare one by one
             for img in imgs:
-                _assert_same(ours(img)["pixel_values"], ref(img, return_tensors="pt")["pixel_values"])
+                _assert_same(ours(img)["pixel_values"], ref(_hf(img), return_tensors="pt")["pixel_values"])
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
@@ -94,7 +115,7 @@ def test_siglip_matches_transformers(mode):
     assert ours.crop_size == {"height": 384, "width": 384}  # LLaVA reads crop_size even for SigLIP
     for h, w in ODD_SIZES:
         img = _image(rng, h, w, mode)
-        _assert_same(ours(img)["pixel_values"], ref(img, return_tensors="pt")["pixel_values"])
+        _assert_same(ours(img)["pixel_values"], ref(_hf(img), return_tensors="pt")["pixel_values"])
 
 
 def test_llava_pad_to_square_matches_transformers():
@@ -103,7 +124,7 @@ def test_llava_pad_to_square_matches_transformers():
     ours = ImageProcessor.from_dict(ref.to_dict())
     for h, w in ODD_SIZES:
         img = _image(rng, h, w)
-        _assert_same(ours(img)["pixel_values"], ref(img, return_tensors="pt")["pixel_values"])
+        _assert_same(ours(img)["pixel_values"], ref(_hf(img), return_tensors="pt")["pixel_values"])
 
 
 @pytest.mark.parametrize(
@@ -120,7 +141,7 @@ def test_llava_next_hf_matches_transformers(pinpoints):
     ours = ImageProcessor.from_dict(ref.to_dict())
     assert ours.convention == "hf" and ours.image_grid_pinpoints == pinpoints
     imgs = [_image(rng, h, w, m) for (h, w), m in zip(ODD_SIZES, ["RGB", "RGBA", "L", "RGB", "RGB", "P"], strict=True)]
-    r = ref(imgs, return_tensors="pt")
+    r = ref(_hf(imgs), return_tensors="pt")
     o = ours(imgs)
     assert torch.equal(o["image_sizes"], r["image_sizes"])
     _assert_same(o["pixel_values"], r["pixel_values"])  # (B, max_patches, 3, 56, 56), zero-padded
@@ -135,7 +156,7 @@ def test_from_pretrained_reads_transformers_files(tmp_path):
     ref.save_pretrained(tmp_path / "clip")
     ours = ImageProcessor.from_pretrained(tmp_path / "clip")
     assert ours.convention == "llava"
-    _assert_same(ours(img)["pixel_values"], ref(img, return_tensors="pt")["pixel_values"])
+    _assert_same(ours(img)["pixel_values"], ref(_hf(img), return_tensors="pt")["pixel_values"])
 
     # the old feature-extractor style with int sizes (openai/clip-vit-large-patch14-336, used by LLaVA-1.5)
     old = {
@@ -183,7 +204,7 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path):
     )
     ours.save_pretrained(tmp_path)
     ref = CLIPImageProcessorPil.from_pretrained(tmp_path)
-    _assert_same(ours(img)["pixel_values"], ref(img, return_tensors="pt")["pixel_values"])
+    _assert_same(ours(img)["pixel_values"], ref(_hf(img), return_tensors="pt")["pixel_values"])
     assert ImageProcessor.from_pretrained(tmp_path) == ours
 
 

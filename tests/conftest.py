@@ -19,8 +19,11 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # make `kernel_testing` importable
 # An uninstalled checkout (the GPU machine has no registry to `pip install -e .` from): `--import-mode=importlib`
 # (pyproject's addopts) does not put the repository root on sys.path. Appended, so an install keeps priority.
+# Subprocesses the tests start (CLI, servers, compile checks) inherit it through PYTHONPATH.
 if importlib.util.find_spec("fastllava") is None:
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.append(_root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), _root) if p)
 
 import pytest  # noqa: E402
 

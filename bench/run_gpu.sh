@@ -45,8 +45,8 @@ for dist in ("triton", "transformers", "liger-kernel", "bitsandbytes", "pytest-b
 EOF
 } >"$OUT/env.txt" 2>&1
 
-# `pytest`, not `python -m pytest`: the latter puts the repository root first on sys.path, where our top-level
-# `kernels/` folder would shadow the HuggingFace `kernels` distribution that bitsandbytes imports.
+# `pytest`, not `python -m pytest`: the latter puts the repository root first on sys.path (bench/conftest.py
+# adds it, last, only when fastllava is not installed).
 timeout --signal=INT --kill-after=30 "${BENCH_TIMEOUT:-540}" \
     pytest bench -p no:randomly -rsfEw --bench-device=cuda --bench-out "$OUT" \
     --benchmark-json "$OUT/pytest-benchmark.json" "$@" 2>&1 | tee "$OUT/pytest.log"

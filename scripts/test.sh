@@ -12,5 +12,5 @@ python -m ruff check .
 python -m ruff format --check .
 if [ -x .ci/nvcc_check.sh ] && command -v nvcc >/dev/null; then bash .ci/nvcc_check.sh; fi
 export TRITON_INTERPRET=1                              # Triton kernels run on the CPU through the interpreter
-pytest tests -q --timeout=900                         # not `python -m pytest`: that puts the repo root on sys.path
-pytest bench -q --timeout=900                         # (our top-level kernels/ would shadow HF's `kernels`)
+pytest tests -q --timeout=900                         # not `python -m pytest`: the tests import the installed
+pytest bench -q --timeout=900                         # package, not the repository root's folders

@@ -352,6 +352,8 @@ def test_baselines_compute_what_ours_computes(bench_session):
             if tv.fn is not None:
                 torch.testing.assert_close(tv.fn(**x), ref, **tol)
             for name in available_backends(s.device):
+                if name == "flex" and Hk != shapes(s)["Hq"]:
+                    continue  # not timed on GQA (FLEX_GQA_SKIP): checking it would compile one more shape
                 torch.testing.assert_close(backend_impl(s, name).fn(**x), ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
         x = setup_paged(s)()
         backend = "triton" if s.is_cuda else "sdpa"

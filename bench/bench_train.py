@@ -96,7 +96,11 @@ def run_arm(model, samples: list[Sample], micro: list[list[int]], device, pad: b
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step(batches[0])  # warm-up (allocator, autotuning)
+    # warm-up (allocator, autotuning, compiles): Triton compiles an integer argument's kernel again when it is, or
+    # is not, divisible by 16, so one batch of each such kind in this arm runs before the clock starts
+    kinds = {(b.n_tokens % 16 == 0, b.packed.max_seqlen % 16 == 0): b for b in reversed(batches)}
+    for b in kinds.values():
+        step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -133,7 +137,7 @@ def cpu_case():
     cfg = tiny_config("llama", image_size=32, patch_size=8, hidden=64)
     model = build_tiny_llava(cfg, seed=0).float()
     # the CPU default (`auto` = sdpa_padded: per-sequence attention). The dense-mask `sdpa` reference would make
-    # packing look better than it is: 4.3-4.8x vs 1.8-1.9x here (2 cores), its [T, T] mask costing the packed arm
+    # packing look better than it is: 4.3-4.8x vs 1.8-2.3x here (2 cores), its [T, T] mask costing the packed arm
     model.set_attn_implementation("auto")
     swap_lm_head(model, 1024, "chunked")
     samples = make_samples(cfg, llava665k_lengths(96, seed=0, scale=0.25))
@@ -168,6 +172,8 @@ def _bench(bench, case):
 
 
 def test_train_packed_vs_padded_cpu(bench):
+    if bench.session.is_cuda:
+        pytest.skip("CPU-model benchmark (its records and gates are for the CPU run): pytest bench --bench-device=cpu")
     _bench(bench, cpu_case)
 
 

@@ -47,8 +47,17 @@ EOF
 
 # `pytest`, not `python -m pytest`: the latter puts the repository root first on sys.path (bench/conftest.py
 # adds it, last, only when fastllava is not installed).
+# The files in this order (the ops first, the end-to-end runs after; eval, not GPU-gated, last) so that a run cut
+# short by BENCH_TIMEOUT keeps the most; any other bench file follows.
+FILES=()
+for name in kernels attention nf4 model engine train eval; do
+    [[ -f "bench/bench_$name.py" ]] && FILES+=("bench/bench_$name.py")
+done
+for f in bench/bench_*.py bench/test_*.py; do
+    [[ " ${FILES[*]} " == *" $f "* ]] || FILES+=("$f")
+done
 timeout --signal=INT --kill-after=30 "${BENCH_TIMEOUT:-540}" \
-    pytest bench -p no:randomly -rsfEw --bench-device=cuda --bench-out "$OUT" \
+    pytest "${FILES[@]}" -p no:randomly -rsfEw --bench-device=cuda --bench-out "$OUT" \
     --benchmark-json "$OUT/pytest-benchmark.json" "$@" 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 

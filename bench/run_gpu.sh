@@ -11,22 +11,10 @@
 # machine, for the GPU machine's Python) are installed from there.
 set -uo pipefail
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: bash bench/run_gpu.sh OUTDIR [pytest args...]" >&2
-    exit 2
-fi
-OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
+# shellcheck source=../scripts/gpu_prelude.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/gpu_prelude.sh"
+gpu_prelude run_gpu.sh "bash bench/run_gpu.sh OUTDIR [pytest args...]" "for the CPU suite run: pytest bench" "$@"
 shift
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "run_gpu.sh: no CUDA device visible to torch; for the CPU suite run: pytest bench" >&2
-    exit 3
-fi
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install --no-deps --no-index .whl/*.whl >"$OUT/pip-wheels.log" 2>&1 ||
-        echo "run_gpu.sh: could not install the wheels in .whl/ (see $OUT/pip-wheels.log)" >&2
-fi
 
 {
     date -u +"%Y-%m-%dT%H:%M:%SZ"

@@ -13,22 +13,11 @@
 # is non-zero when either phase failed; both phases always run.
 set -uo pipefail
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: bash scripts/gpu_check.sh OUTDIR [pytest args for the benchmarks...]" >&2
-    exit 2
-fi
-OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
+# shellcheck source=gpu_prelude.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_prelude.sh"
+gpu_prelude gpu_check.sh "bash scripts/gpu_check.sh OUTDIR [pytest args for the benchmarks...]" \
+    "on CPU run: bash scripts/test.sh" "$@"
 shift
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_check.sh: no CUDA device visible to torch; on CPU run: bash scripts/test.sh" >&2
-    exit 3
-fi
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install --no-deps --no-index .whl/*.whl >"$OUT/pip-wheels.log" 2>&1 ||
-        echo "gpu_check.sh: could not install the wheels in .whl/ (see $OUT/pip-wheels.log)" >&2
-fi
 
 start=$SECONDS
 # `pytest`, not `python -m pytest` (see bench/run_gpu.sh); TRITON_INTERPRET must stay unset on the GPU

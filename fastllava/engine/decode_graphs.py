@@ -9,7 +9,7 @@ LM head) once per batch-size bucket and replaying it makes those launches one.
 - static inputs, the addresses the graphs read: ``rows [4, max_batch]`` (token ids, positions, KV slots,
   context lengths) and ``block_tables [max_batch, max_blocks]``, ``max_blocks = ceil(max_model_len /
   block_size)``, entries past a sequence's blocks zero (masked: context lengths bound every key).
-  Each step fills pinned host staging buffers and makes two host->device copies; no host sync.
+  Each step fills pinned host staging buffers (two sets, in turn) and makes two host->device copies; no sync.
 - padding rows B..bucket-1: token 0 at position 0, context length 1, block table ``[scratch, 0, ...]`` and
   slot 0 of the *scratch block*, one KV block past the block manager's (it never hands it out). Their K/V go
   there and they attend only to it, so they never touch a real block; their logits are dropped.
@@ -25,6 +25,7 @@ bucketing through it.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 import torch
 
@@ -65,10 +66,19 @@ class DecodeGraphs:
         self.max_position = max_model_len  # host bound on positions + 1: sizes the rope tables once, statically
         self.scratch_block = scratch_block
         dev, pin = model.device, model.device.type == "cuda"
-        # host staging, pinned on CUDA. Reused every step: safe because each engine step ends in a host sync
-        # (the sampled ids' tolist) that orders it after the previous step's copies out of these buffers.
-        self._host_rows = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
-        self._host_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        # host staging, pinned on CUDA, two sets used in turn. A step's asynchronous copies out of its set may
+        # still be queued when the host prepares the next step (the overlapped engine runs one step ahead); they
+        # have run before the step after that is prepared, since the engine waits for each step's sampled ids
+        # (copied after its inputs) before preparing the step two launches later.
+        self._staging = [
+            (
+                torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin),
+                torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, pin_memory=pin),
+            )
+            for _ in range(2)
+        ]
+        self._turn = 0
+        self._host_rows, self._host_tables = self._staging[0]
         self._pad(0, max_batch)
         self.rows = self._host_rows.to(dev)  # (4, max_batch)
         self.block_tables = self._host_tables.to(dev)  # (max_batch, max_blocks)
@@ -77,6 +87,8 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> the graph's output, (bucket, V)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.num_replays = self.num_padded_rows = 0
+        # set by the runner: maps the input ids on the device before a replay (the overlapped engine's placeholders)
+        self.fill_ids: Callable[[torch.Tensor], torch.Tensor] | None = None
         if capture:
             self._capture()
 
@@ -121,6 +133,8 @@ class DecodeGraphs:
         block_tables = [tables[r.request_id] for r in reqs]
         if max(len(t) for t in block_tables) > self.max_blocks:  # cannot happen within max_model_len
             return None
+        self._turn ^= 1
+        self._host_rows, self._host_tables = self._staging[self._turn]
         n = self.buckets[bisect.bisect_left(self.buckets, B)]
         bs = self.block_size
         pos = [r.num_computed_tokens for r in reqs]
@@ -135,6 +149,8 @@ class DecodeGraphs:
         self._pad(B, n)
         self.rows.copy_(self._host_rows, non_blocking=True)  # (4, max_batch): a few KiB, whole
         self.block_tables[:n].copy_(ht[:n], non_blocking=True)
+        if self.fill_ids is not None:
+            self.rows[IDS, :B] = self.fill_ids(self.rows[IDS, :B])
         self.num_padded_rows += n - B
         if n in self.graphs:
             self.graphs[n].replay()

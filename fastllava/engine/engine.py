@@ -8,8 +8,12 @@
             print(out.request_id, out.delta_text)
 
 One step = schedule (``Scheduler``, bookkeeping) -> execute (``ModelRunner``: encoder, one packed prefill,
-one batched decode, one sample, one host sync) -> update (tokens, stop checks, detokenization, metrics).
-The servers use ``AsyncLLMEngine.generate``, an async iterator of ``RequestOutput``.
+one batched decode, one sample, one host sync) -> update (tokens, stop checks, incremental detokenization,
+metrics; constant host work per token: ``detokenizer.py``). Outputs carry deltas; the whole token list and
+text only in a request's final output. The servers use ``AsyncLLMEngine`` (``async_engine.py``).
+
+Overlap scheduling (``EngineConfig.overlap_scheduling``, on for CUDA models): the engine launches step N+1
+before it waits for step N's sampled ids, then updates N on the host while N+1 runs (``_step_overlapped``).
 
 CUDA graphs (``EngineConfig.cuda_graphs``, on by default, used only when the model is on CUDA): at construction
 the decode step (model forward over the paged KV cache + LM head, one token per sequence) is captured once per
@@ -23,26 +27,29 @@ the same static-buffer, bucket-padded decode without capture on any device (test
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import hashlib
 import itertools
+import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fastllava.engine.block_manager import BlockManager
+from fastllava.engine.detokenizer import IncrementalDetokenizer
 from fastllava.engine.encoder_cache import EncoderCache
 from fastllava.engine.metrics import EngineMetrics
 from fastllava.engine.request import EngineImage, Request, RequestOutput, RequestStatus, SamplingParams
-from fastllava.engine.runner import ModelRunner
-from fastllava.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from fastllava.engine.runner import ModelRunner, StepHandle
+from fastllava.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
 from fastllava.packing import ImageInput, expand_image_tokens, image_token_count
 
+log = logging.getLogger(__name__)
+
 __all__ = [
-    "AsyncLLMEngine",
     "EngineConfig",
     "EngineImage",
     "LLMEngine",
@@ -54,7 +61,15 @@ __all__ = [
 
 
 class RequestTooLargeError(ValueError):
-    """The request can never run: its prompt + max_tokens exceed the KV cache or the model's context."""
+    """The request can never run: its prompt + max_tokens exceed the KV cache or the model's context.
+
+    ``param`` names the request field to change: ``"max_tokens"`` (the prompt fits, the answer's room does
+    not) or ``"messages"`` (the prompt alone does not fit).
+    """
+
+    def __init__(self, message: str, param: str = "max_tokens") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -75,6 +90,18 @@ class EngineConfig:
     cuda_graphs: bool = True  # CUDA models: replay decode steps from CUDA graphs, one per batch-size bucket
     cuda_graph_max_batch_size: int | None = None  # largest captured batch (None: max_num_seqs); bigger: eager
     static_decode_buffers: bool = False  # tests/debugging: the graphs' bucketed static-buffer decode, no capture
+    # prepare and post-process step N on the host while step N+1 runs on the device (None: on for CUDA models).
+    # True on CPU runs the same logic with no real overlap: the tests compare it with the synchronous loop.
+    overlap_scheduling: bool | None = None
+
+
+@dataclass
+class _Launched:
+    """A step the overlapped engine has launched: what ran, its sampled ids, each row's output slot."""
+
+    out: SchedulerOutput
+    handle: StepHandle
+    slots: list[int]  # index in the row's output_token_ids of the token this step samples
 
 
 class LLMEngine:
@@ -115,9 +142,13 @@ class LLMEngine:
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.overlap = model.device.type == "cuda" if config.overlap_scheduling is None else config.overlap_scheduling
+        self.runner.overlap = self.overlap
+        self._inflight: _Launched | None = None  # the overlapped engine's launched, not yet collected step
+        self._current: SchedulerOutput | None = None  # the step being run (failure attribution)
         self._ids = itertools.count()
         self.num_steps = self.num_generated = self.num_prefill_tokens = 0
-        self.num_finished = self.num_aborted = self.num_rejected = 0
+        self.num_finished = self.num_aborted = self.num_rejected = self.num_failed = 0
 
     def _auto_num_blocks(self) -> int:
         t = self.cfg.text
@@ -138,39 +169,57 @@ class LLMEngine:
         images: Sequence[EngineImage | ImageInput] | None = None,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        clamp_max_tokens: bool = False,
     ) -> Request:
-        """Validate and expand a prompt (``IMAGE_TOKEN_INDEX`` placeholders or llava-hf image-token runs) into a
-        ``Request``; raises ``RequestTooLargeError``/``ValueError``. Touches no engine state."""
-        params = params or SamplingParams()
+        """The front door: preprocess and hash images, expand the prompt (``IMAGE_TOKEN_INDEX`` placeholders or
+        llava-hf image-token runs), check it against the context and the KV cache; returns a ``Request``.
+
+        Raises ``RequestTooLargeError`` (``param`` names the field) or ``ValueError``. ``clamp_max_tokens``:
+        lower ``max_tokens`` to the context left after the prompt instead of refusing (LLaVA's workers do).
+        Touches no engine state (safe from a worker thread); ``params`` is copied, never changed.
+        """
+        params = dataclasses.replace(params) if params is not None else SamplingParams()
+        if params.top_k > self.cfg.text.vocab_size:
+            raise ValueError(f"top_k must be <= the vocabulary size {self.cfg.text.vocab_size}, got {params.top_k}")
         if params.seed is None and params.temperature > 0:
             params.seed = random.getrandbits(62)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer")
         imgs = [self._image(im) for im in images or []]
         counts = [image_token_count(self.cfg, im.size_hw) for im in imgs]
         ids, offsets = expand_image_tokens(list(prompt_token_ids), counts, self.cfg.image_token_index)
         if not ids:
             raise ValueError("empty prompt")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need the engine's tokenizer")
         if len(ids) >= self.max_model_len:
             raise RequestTooLargeError(
                 f"prompt of {len(ids)} tokens (image tokens included) does not fit the model's context of "
-                f"{self.max_model_len} tokens"
+                f"{self.max_model_len} tokens",
+                param="messages",
             )
+        if clamp_max_tokens and len(ids) + params.max_tokens > self.max_model_len:
+            params.max_tokens = self.max_model_len - len(ids)
         total = min(len(ids) + params.max_tokens, self.max_model_len)
         bm = self.block_manager
         if bm.blocks_needed(total) > bm.num_blocks:
             raise RequestTooLargeError(
                 f"request needs {total} tokens of KV cache ({len(ids)} prompt incl. image tokens + "
                 f"{params.max_tokens} max_tokens) = {bm.blocks_needed(total)} blocks, but the cache holds only "
-                f"{bm.num_blocks} blocks of {bm.block_size} tokens; lower max_tokens or grow the cache"
+                f"{bm.num_blocks} blocks of {bm.block_size} tokens; lower max_tokens or grow the cache",
+                param="messages" if bm.blocks_needed(len(ids) + 1) > bm.num_blocks else "max_tokens",
             )
         if not self.config.enable_chunked_prefill and len(ids) > self.config.max_num_batched_tokens:
             raise RequestTooLargeError(
                 f"prompt of {len(ids)} tokens exceeds max_num_batched_tokens={self.config.max_num_batched_tokens} "
-                "and chunked prefill is off"
+                "and chunked prefill is off",
+                param="messages",
             )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return Request(rid, ids, imgs, offsets, counts, params, time.perf_counter())
+        req = Request(rid, ids, imgs, offsets, counts, params, time.perf_counter())
+        req.max_total_tokens = total
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.output_token_ids, params.stop)
+        return req
 
     def _image(self, im) -> EngineImage:
         if isinstance(im, EngineImage):
@@ -215,70 +264,157 @@ class LLMEngine:
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         self.num_aborted += 1
         req.metrics.finished_time = time.perf_counter()
-        return self._output(req, [])
+        ids = req.output_token_ids
+        while ids and ids[-1] < 0:  # the overlapped engine's tokens still in flight: never seen, dropped
+            ids.pop()
+        return self._output(req, [], len(ids))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._inflight is not None
 
     # ------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Schedule, execute, update: one forward of every scheduled request. Returns the outputs produced."""
-        out = self.scheduler.schedule()
+        if self.overlap:
+            return self._step_overlapped()
+        out = self._schedule()
         if out.is_empty:
-            if self.scheduler.waiting and not self.scheduler.running:  # make_request's checks rule this out
-                raise RuntimeError(f"cannot admit {self.scheduler.waiting[0]}: the KV cache is too small for it")
             return []
         sampled = self.runner.execute(out, self.block_manager.tables)
+        now = self._account(out, len(sampled))
+        produced = self.scheduler.update(out, sampled)
+        outputs = [self._process(req, req.output_token_ids[-1], len(req.output_token_ids), now) for req in produced]
+        self._current = None
+        return outputs
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Launch step N+1, then finish step N on the host while N+1 runs; returns step N's outputs.
+
+        Step N+1 is scheduled before N's tokens are known: each request that sampled in N holds a placeholder
+        (``-(1 + row)``) that N+1's inputs read from N's sampled ids on the device, and a request whose N token
+        reaches its length limit is not scheduled again. A request that N's token finishes (EOS, stop string)
+        ran one token too many in N+1: that token is dropped and its K/V land in blocks freed at once (the
+        device runs the steps in order, so a later step reusing them writes after). Outputs are token for token
+        the synchronous loop's.
+        """
+        out = self._schedule()
+        launched = None
+        if not out.is_empty:
+            handle = self.runner.launch(out, self.block_manager.tables)
+            rows = self.scheduler.advance(out)
+            slots = [len(r.output_token_ids) for r in rows]
+            for i, r in enumerate(rows):
+                r.output_token_ids.append(-1 - i)
+            launched = _Launched(out, handle, slots)
+        prev, self._inflight = self._inflight, launched
+        outputs = []
+        if prev is not None:
+            sampled = self.runner.collect(prev.handle)
+            now = self._account(prev.out, len(sampled))
+            for req, slot in zip(prev.handle.requests, prev.slots, strict=True):
+                if req.finished:  # finished (or aborted) by the step before: this token is the extra one
+                    continue
+                token = sampled[req.request_id]
+                req.output_token_ids[slot] = token
+                outputs.append(self._process(req, token, slot + 1, now))
+        if launched is not None:
+            self.scheduler.cache_blocks(launched.out)  # every computed token id is known now
+        self._current = None
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        self._current = None
+        out = self._current = self.scheduler.schedule()
+        if out.is_empty and self.scheduler.waiting and not self.scheduler.running and self._inflight is None:
+            # make_request's checks rule this out
+            raise RuntimeError(f"cannot admit {self.scheduler.waiting[0]}: the KV cache is too small for it")
+        return out
+
+    def _account(self, out: SchedulerOutput, num_sampled: int) -> float:
         now = time.perf_counter()
-        for r in [c.request for c in out.prefills] + out.decodes:
+        for c in out.prefills:
+            if c.request.metrics.first_scheduled_time is None:
+                c.request.metrics.first_scheduled_time = now
+        for r in out.decodes:
             if r.metrics.first_scheduled_time is None:
                 r.metrics.first_scheduled_time = now
         self.num_steps += 1
         self.num_prefill_tokens += sum(c.num_tokens for c in out.prefills)
-        self.num_generated += len(sampled)
-        return [self._process(req, now) for req in self.scheduler.update(out, sampled)]
+        self.num_generated += num_sampled
+        return now
 
-    def _process(self, req: Request, now: float) -> RequestOutput:
-        """Stop checks and detokenization for a request that just got a token."""
+    def fail_step(self) -> list[str]:
+        """After ``step`` raised: fail (free) the requests of the failed step, and of the overlapped engine's step
+        in flight; returns their ids. Empty: the step had scheduled nothing yet, no request is to blame."""
+        outs = [self._current] + ([self._inflight.out] if self._inflight is not None else [])
+        failed: dict[str, Request] = {}
+        for out in outs:
+            if out is not None:
+                failed.update((r.request_id, r) for r in [c.request for c in out.prefills] + out.decodes)
+        for req in failed.values():
+            if not req.finished:
+                self._fail(req)
+        self._current = self._inflight = None
+        self.runner.reset()
+        return list(failed)
+
+    def _fail(self, req: Request) -> None:
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        ids = req.output_token_ids
+        while ids and ids[-1] < 0:  # placeholders of steps that will never be collected
+            ids.pop()
+        req.metrics.finished_time = time.perf_counter()
+        self.num_failed += 1
+
+    def _process(self, req: Request, token: int, n: int, now: float) -> RequestOutput:
+        """``_update`` one request; if that raises (host work on this request alone: stop checks,
+        detokenization), the request fails alone (``finish_reason="error"``) and the step goes on."""
+        try:
+            return self._update(req, token, n, now)
+        except Exception as e:
+            log.exception("request %s failed in post-processing", req.request_id)
+            if not req.finished:
+                self._fail(req)
+            req.status = RequestStatus.FINISHED_ERROR
+            del req.output_token_ids[n:]
+            return RequestOutput(
+                req.request_id, [token], "", True, "error", req.metrics, n, list(req.output_token_ids), None, repr(e)
+            )
+
+    def _update(self, req: Request, token: int, n: int, now: float) -> RequestOutput:
+        """Stop checks and detokenization for a request whose ``n``-th output token, ``token``, just arrived."""
         req.metrics.on_token(now)
-        p, token = req.params, req.output_token_ids[-1]
+        p = req.params
         status = None
-        stop_ids = self.eos_token_ids if p.stop_token_ids is None else set(p.stop_token_ids)
+        stop_ids = self.eos_token_ids if p.stop_token_ids is None else p.stop_token_ids
         if not p.ignore_eos and token in stop_ids:
             status = RequestStatus.FINISHED_STOPPED
-        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+        elif req.num_prompt_tokens + n >= req.max_total_tokens:  # max_tokens or the model's context
             status = RequestStatus.FINISHED_LENGTH
-        if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-            cuts = [req.text.find(s) for s in p.stop if s in req.text]
-            if cuts:
-                req.text = req.text[: min(cuts)]
-                status = RequestStatus.FINISHED_STOPPED
+        if req.detokenizer is not None and req.detokenizer.add(n) is not None:
+            status = RequestStatus.FINISHED_STOPPED
         if status is not None:
             self.scheduler.finish(req, status)
+            del req.output_token_ids[n:]  # the overlapped engine's token in flight past the end
             req.metrics.finished_time = now
             self.num_finished += 1
-        return self._output(req, req.output_token_ids[req.sent_tokens :])
+        return self._output(req, [token], n)
 
-    def _output(self, req: Request, new_tokens: list[int]) -> RequestOutput:
-        req.sent_tokens = len(req.output_token_ids)
-        end = len(req.text)
-        if not req.finished:
-            # hold back what may still become a stop string, and a trailing partial UTF-8 character
-            end -= max((len(s) for s in req.params.stop), default=1) - 1
-            while end > req.sent_text_len and req.text[end - 1] == "\ufffd":
-                end -= 1
-        end = max(end, req.sent_text_len)
-        delta, req.sent_text_len = req.text[req.sent_text_len : end], end
+    def _output(self, req: Request, new_tokens: list[int], n: int) -> RequestOutput:
+        """The step's delta for ``req`` (``n`` output tokens known); its whole output too when it finished."""
+        d, finished = req.detokenizer, req.finished
+        delta = "" if d is None else d.finish() if finished else d.stream()
+        full = finished or req.params.full_outputs
         return RequestOutput(
             request_id=req.request_id,
-            new_token_ids=list(new_tokens),
-            token_ids=list(req.output_token_ids),
-            text=req.text,
+            new_token_ids=new_tokens,
             delta_text=delta,
-            finished=req.finished,
-            finish_reason=req.status.value if req.finished else None,
+            finished=finished,
+            finish_reason=req.status.value if finished else None,
             metrics=req.metrics,
+            num_output_tokens=n,
+            token_ids=req.output_token_ids[:n] if full else None,
+            text=(d.text() if d is not None else "") if full else None,
         )
 
     # -------------------------------------------------------------------------------- helpers
@@ -323,119 +459,3 @@ class LLMEngine:
             num_aborted=self.num_aborted,
             num_rejected=self.num_rejected,
         )
-
-
-class AsyncLLMEngine:
-    """asyncio front for the servers: ``async for out in engine.generate(...)`` streams a request.
-
-    A background task runs ``LLMEngine.step`` in a worker thread (the event loop stays free for HTTP while
-    the GPU works). New requests and aborts made on the loop are applied between steps, never during one.
-    Closing the iterator early (client gone) aborts the request.
-    """
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._new: list[Request] = []
-        self._aborts: list[str] = []
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._error: BaseException | None = None
-
-    async def generate(
-        self,
-        prompt_token_ids: Sequence[int],
-        images: Sequence[EngineImage | ImageInput] | None = None,
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; the last has ``finished=True``. Raises ``RequestTooLargeError`` /
-        ``QueueFullError`` at once for a request that is rejected."""
-        if self._error is not None:
-            raise RuntimeError("the engine loop has failed") from self._error
-        if request_id is not None and (request_id in self._streams or request_id in self.engine.scheduler.requests):
-            raise ValueError(f"request id {request_id!r} is already in use")
-        req = self.engine.make_request(prompt_token_ids, images, params, request_id)
-        sched = self.engine.scheduler
-        if len(sched.waiting) + len(self._new) >= sched.config.max_waiting_requests:
-            self.engine.num_rejected += 1
-            raise QueueFullError(f"queue full: {sched.config.max_waiting_requests} requests waiting")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[req.request_id] = queue
-        self._new.append(req)
-        self._start()
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(req.request_id, None)
-            if not finished:
-                self._aborts.append(req.request_id)
-                self._wake.set()
-
-    async def abort(self, request_id: str) -> None:
-        self._aborts.append(request_id)
-        if self._wake is not None:
-            self._wake.set()
-
-    def metrics(self) -> EngineMetrics:
-        return self.engine.metrics()
-
-    def _start(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
-        self._wake.set()
-
-    def _apply_pending(self) -> None:
-        new, self._new = self._new, []
-        for req in new:
-            if req.request_id not in self._streams:
-                continue  # its client left before it was queued
-            try:
-                self.engine.enqueue(req)
-            except (QueueFullError, ValueError) as e:
-                self._streams[req.request_id].put_nowait(e)
-        aborts, self._aborts = self._aborts, []
-        for rid in aborts:
-            out = self.engine.abort_request(rid)
-            if out is not None and rid in self._streams:
-                self._streams[rid].put_nowait(out)
-
-    async def _loop(self) -> None:
-        while True:
-            self._apply_pending()
-            if not self.engine.has_unfinished_requests():
-                self._wake.clear()
-                if self._new or self._aborts:
-                    continue
-                await self._wake.wait()
-                continue
-            try:
-                outputs = await asyncio.to_thread(self.engine.step)
-            except Exception as e:  # deliver to every stream, then stop: the engine state is unknown
-                self._error = e
-                for q in self._streams.values():
-                    q.put_nowait(e)
-                raise
-            for out in outputs:
-                q = self._streams.get(out.request_id)
-                if q is not None:
-                    q.put_nowait(out)
-
-    async def shutdown(self) -> None:
-        """Abort everything and stop the background task."""
-        for rid in list(self.engine.scheduler.requests):
-            self.engine.abort_request(rid)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None

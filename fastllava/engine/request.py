@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import struct
 from dataclasses import dataclass, field
 
 import torch
 
+from fastllava.engine.detokenizer import IncrementalDetokenizer
 from fastllava.engine.metrics import RequestMetrics
 
 
@@ -30,16 +32,45 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (need the engine's tokenizer)
     stop_token_ids: list[int] | None = None  # None: the model's / tokenizer's EOS
     ignore_eos: bool = False
+    full_outputs: bool = False  # every RequestOutput carries token_ids/text so far (O(n) per step: tests, debug)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        # every bound is checked here, at admission: a value that passes can never raise inside an engine step
+        # (the batched sampling tensors are int64/float32), so one request cannot take the others down
+        _check_int("max_tokens", self.max_tokens, 1, _INT64_MAX)
+        _check_float("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        _check_int("top_k", self.top_k, 0, _INT64_MAX)  # <= the vocabulary: LLMEngine.make_request
+        if self.seed is not None:
+            _check_int("seed", self.seed, _INT64_MIN, _INT64_MAX)
+        if not isinstance(self.stop, list | tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a list of str, got {self.stop!r}")
+        self.stop = list(self.stop)
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, list | tuple):
+                raise ValueError(f"stop_token_ids must be a list of int, got {self.stop_token_ids!r}")
+            for t in self.stop_token_ids:
+                _check_int("stop_token_ids", t, 0, _INT64_MAX)
+            self.stop_token_ids = list(self.stop_token_ids)
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _check_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -72,6 +103,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or the model's context length
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # processing it raised (AsyncLLMEngine: RequestFailedError)
 
     @property
     def finished(self) -> bool:
@@ -97,13 +129,12 @@ class Request:
         self.image_offsets = image_offsets  # first slot of each image in the prompt
         self.image_counts = image_counts  # slots per image
         self.params = params
-        self.output_token_ids: list[int] = []
+        self.max_total_tokens = len(prompt_token_ids) + params.max_tokens  # the engine caps it at the context
+        self.output_token_ids: list[int] = []  # the overlapped engine's in-flight token is a placeholder (< 0)
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.encoder_refs: set[int] = set()  # images whose encoder-cache entry this request holds
-        self.text = ""  # detokenized output (stop string cut off once found)
-        self.sent_text_len = 0  # how much of `text` has been streamed
-        self.sent_tokens = 0
+        self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine when it has a tokenizer
         self.metrics = RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids))
         self._block_hashes: list[bytes] = []
 
@@ -165,13 +196,19 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request (streamed), or its final state when ``finished``."""
+    """What one step produced for one request (streamed deltas), and its whole output once ``finished``.
+
+    ``token_ids``/``text`` are None while the request runs (copying them every step would cost O(answer
+    length) per token), unless its ``SamplingParams.full_outputs`` asked for them.
+    """
 
     request_id: str
-    new_token_ids: list[int]
-    token_ids: list[int]  # every output token so far
-    text: str  # output text so far (empty without a tokenizer)
-    delta_text: str
+    new_token_ids: list[int]  # the tokens this step added
+    delta_text: str  # the text this step added (may lag the tokens: partial characters, possible stop strings)
     finished: bool
-    finish_reason: str | None  # "stop", "length", "abort"
+    finish_reason: str | None  # "stop", "length", "abort", "error"
     metrics: RequestMetrics
+    num_output_tokens: int  # output tokens so far (usage.completion_tokens)
+    token_ids: list[int] | None = None  # every output token: set when finished
+    text: str | None = None  # the whole output text (stop string cut off; "" without a tokenizer): when finished
+    error: str | None = None  # finish_reason "error": what was raised

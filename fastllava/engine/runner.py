@@ -4,8 +4,10 @@ Per step: the vision tower on the images the scheduler listed (all tiles in one 
 encoder cache); one packed prefill forward over every scheduled chunk, attending over each request's whole
 cached context (``kv_slots``/``cu_seqlens_k``: prefix-cache hits and earlier chunks included); one batched
 decode forward through paged attention (replayed from a CUDA graph when ``decode_graphs`` has a bucket for the
-batch, see ``decode_graphs.py``); one ``sample`` call over the rows that produce a token, and one host sync
-(``tolist``) for the sampled ids. Per-request settings travel as tensors, so no request syncs alone.
+batch, see ``decode_graphs.py``); one ``sample`` call over the rows that produce a token (``BatchSampler``:
+the settings' tensors are rebuilt only when the batch changes), and one host sync for the sampled ids.
+``launch`` enqueues a step and ``collect`` waits for its ids, so that the overlapped engine can prepare the
+next step in between (``overlap=True``: input ids may then name the previous launch's ids by placeholder).
 
 Image slots inside a chunk: the chunk's rows of each overlapping image's features (from the encoder cache)
 go in ``image_features``, with chunk-local ``image_offsets``/``image_counts``.
@@ -14,18 +16,28 @@ go in ``image_features``, with chunk-local ``image_offsets``/``image_counts``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from fastllava.engine.decode_graphs import DecodeGraphs
 from fastllava.engine.encoder_cache import EncoderCache
 from fastllava.engine.request import Request
+from fastllava.engine.sampling import BatchSampler
 from fastllava.engine.scheduler import SchedulerOutput
-from fastllava.generation import sample
 from fastllava.model.language import AttnMetadata, KVCache
 from fastllava.packing import PackedBatch, image_feature_index, image_tiles
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its sampling rows, and their ids on the host once ``done`` (a CUDA event) has fired."""
+
+    requests: list[Request]
+    tokens: torch.Tensor | None  # (B,) int64: pinned host memory on CUDA (filled asynchronously), else final
+    done: torch.cuda.Event | None
 
 
 class ModelRunner:
@@ -55,6 +67,9 @@ class ModelRunner:
         self.images_encoded = 0
         self.vision_batches = 0
         self._feature_index: dict[tuple[int, int], torch.Tensor] = {}
+        self.sampler = BatchSampler(self.device)
+        self.overlap = False  # set by the engine: input ids may hold placeholders for the last launch's ids
+        self._prev_sampled: torch.Tensor | None = None  # the last launch's sampled ids (device), for placeholders
         self.decode_graphs: DecodeGraphs | None = None
         if bucketed:
             try:
@@ -66,6 +81,7 @@ class ModelRunner:
                     max_model_len=max_model_len or self.cfg.text.max_position_embeddings,
                     capture=capture_graphs,
                 )
+                self.decode_graphs.fill_ids = self._fill_placeholders
             except RuntimeError as exc:
                 if not capture_graphs:
                     raise
@@ -75,9 +91,17 @@ class ModelRunner:
                 self.decode_graphs = None
 
     # ------------------------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, tables: dict[str, list[int]]) -> dict[str, int]:
         """Run one step; returns the sampled token of every request whose row produced one."""
+        return self.collect(self.launch(out, tables))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, tables: dict[str, list[int]]) -> StepHandle:
+        """Enqueue one step (encoder, prefill, decode, sample) and a copy of its sampled ids to the host; no sync.
+
+        Input ids may hold placeholders ``-(1 + row)`` for tokens the previous launch sampled that the host
+        has not seen yet (the overlapped engine): they are read from that launch's sampled ids on the device.
+        """
         if out.encoder_inputs:
             self._encode(out.encoder_inputs)
         logits: list[torch.Tensor] = []
@@ -92,10 +116,40 @@ class ModelRunner:
             logits.append(self._decode(out.decodes, tables))
             sampling += out.decodes
         if not sampling:
-            return {}
+            self._prev_sampled = None
+            return StepHandle([], None, None)
         rows = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
-        tokens = self._sample(rows, sampling).tolist()  # the step's one host sync
-        return {r.request_id: t for r, t in zip(sampling, tokens, strict=True)}
+        sampled = self.sampler(rows, sampling)  # (B,) on the device
+        self._prev_sampled = sampled
+        if sampled.device.type != "cuda":
+            return StepHandle(sampling, sampled, None)
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return StepHandle(sampling, host, done)
+
+    def collect(self, handle: StepHandle) -> dict[str, int]:
+        """Wait for a launched step's sampled ids (only for that step, not for any launched after it)."""
+        if not handle.requests:
+            return {}
+        if handle.done is not None:
+            handle.done.synchronize()
+        tokens = handle.tokens.tolist()  # the step's one host sync
+        return {r.request_id: t for r, t in zip(handle.requests, tokens, strict=True)}
+
+    def reset(self) -> None:
+        """Forget the last launch (after a failed step): no placeholders refer to it, the sampler rebuilds."""
+        self._prev_sampled = None
+        self.sampler = BatchSampler(self.device)
+
+    def _fill_placeholders(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input ids with the previous launch's placeholders ``-(1 + row)`` replaced by its sampled ids."""
+        prev = self._prev_sampled
+        if prev is None or not self.overlap:
+            return ids
+        rows = (-ids - 1).clamp(0, prev.numel() - 1)
+        return torch.where(ids < 0, prev[rows], ids)
 
     # --------------------------------------------------------------------------------- encoder
     def _index(self, size_hw: tuple[int, int]) -> torch.Tensor:
@@ -156,7 +210,7 @@ class ModelRunner:
         cu_k = torch.zeros(len(lens) + 1, dtype=torch.int32)
         cu_k[1:] = torch.tensor(lens_k).cumsum(0)
         batch = PackedBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=self._fill_placeholders(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)),
             position_ids=torch.cat(pos).to(dev, non_blocking=True),
             cu_seqlens=cu.to(dev, non_blocking=True),
             max_seqlen=max(lens),
@@ -183,7 +237,8 @@ class ModelRunner:
     def _decode(self, reqs: list[Request], tables: dict[str, list[int]]) -> torch.Tensor:
         """One token per request at position ``num_computed_tokens``; returns logits ``[B, V]``."""
         if self.decode_graphs is not None:
-            logits = self.decode_graphs.run(reqs, tables)  # None: the batch is bigger than every bucket
+            # None: the batch is bigger than every bucket
+            logits = self.decode_graphs.run(reqs, tables)
             if logits is not None:
                 return logits
         return self.model.logits(self._decode_eager(reqs, tables))
@@ -205,7 +260,7 @@ class ModelRunner:
         dev = self.device
         pos_t = torch.tensor(pos, dtype=torch.long)
         batch = PackedBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=self._fill_placeholders(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)),
             position_ids=pos_t.to(dev, non_blocking=True),
             cu_seqlens=torch.arange(B + 1, dtype=torch.int32).to(dev, non_blocking=True),
             max_seqlen=1,
@@ -220,16 +275,3 @@ class ModelRunner:
             decode=True,
         )
         return self.model.forward_packed(batch, meta, self.kv, max_position=max(pos) + 1)
-
-    # --------------------------------------------------------------------------------- sampling
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        dev = self.device
-        p = [r.params for r in reqs]
-        if all(x.temperature == 0 for x in p):
-            return logits.argmax(-1)  # all greedy: what `sample` returns for these rows, without the sort
-        temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev, non_blocking=True)
-        top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev, non_blocking=True)
-        top_k = torch.tensor([x.top_k for x in p], dtype=torch.long).to(dev, non_blocking=True)
-        seeds = torch.tensor([x.seed or 0 for x in p], dtype=torch.long).to(dev, non_blocking=True)
-        steps = torch.tensor([len(r.output_token_ids) for r in reqs], dtype=torch.long).to(dev, non_blocking=True)
-        return sample(logits, temperature, top_p, top_k, seeds, steps)

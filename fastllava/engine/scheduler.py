@@ -2,7 +2,8 @@
 
 Each ``schedule()`` spends a token budget (``max_num_batched_tokens``), vLLM-v1 style:
 
-1. running requests first, in arrival order: one token for those decoding, the next chunk for those still
+1. running requests first, in arrival order (skipping those whose last allowed token is in flight, which the
+   overlapped engine finishes when it sees that token): one token for those decoding, the next chunk for those still
    prefilling (chunked prefill). When the KV cache has no block for one of them, the most recently admitted
    running request is preempted (blocks freed, recomputed later from its prompt + outputs) until it fits;
 2. then, if nothing was preempted, waiting requests are admitted in order while budget, sequence slots and
@@ -102,6 +103,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_tokens >= req.max_total_tokens:  # overlapped engine: its last token is in flight
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.blocks.allocate(req, req.num_computed_tokens + n):
                 victim = self.running.pop()  # the latest admitted: only requests after `req` or `req` itself
@@ -173,20 +177,33 @@ class Scheduler:
     # ---------------------------------------------------------------------------- after a step
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance the scheduled requests; append the sampled tokens. Returns requests with a new token."""
-        advanced = [(c.request, c.num_tokens) for c in out.prefills] + [(r, 1) for r in out.decodes]
         produced = []
-        for req, n in advanced:
+        for req in self.advance(out):
+            token = sampled.get(req.request_id)
+            if token is not None:
+                req.output_token_ids.append(token)
+                produced.append(req)
+        self.cache_blocks(out)
+        return produced
+
+    def advance(self, out: SchedulerOutput) -> list[Request]:
+        """Count the scheduled tokens as computed (their K/V are written, or queued to be); release image refs
+        whose slots are all computed. Returns the requests whose last token ran: they sample, in the runner's
+        row order (sampling prefill chunks, then decodes)."""
+        for req, n in [(c.request, c.num_tokens) for c in out.prefills] + [(r, 1) for r in out.decodes]:
             req.num_computed_tokens += n
             ends = {j: req.image_offsets[j] + req.image_counts[j] for j in req.encoder_refs}
             for j in [j for j, end in ends.items() if end <= req.num_computed_tokens]:  # slots all in the cache
                 self.encoder_cache.release(req.images[j].content_hash, req.request_id)
                 req.encoder_refs.discard(j)
-            self.blocks.cache_full_blocks(req)
-            token = sampled.get(req.request_id)
-            if token is not None:
-                req.output_token_ids.append(token)
-                produced.append(req)
-        return produced
+        return [c.request for c in out.prefills if c.samples] + out.decodes
+
+    def cache_blocks(self, out: SchedulerOutput) -> None:
+        """Register the scheduled requests' newly full blocks for prefix caching (their token ids must be known:
+        the overlapped engine calls this once the previous step's placeholders are resolved)."""
+        for req in [c.request for c in out.prefills] + out.decodes:
+            if not req.finished:
+                self.blocks.cache_full_blocks(req)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request (stop, length or abort) wherever it is, freeing its blocks and encoder refs."""

@@ -221,7 +221,7 @@ def ours_generate(model: LlavaModel) -> BatchGenerate:
         return model.generate(
             ids.to(dev),
             attention_mask=mask.to(dev),
-            images=[im.pixel_values.to(dev, model.dtype) for im in imgs] or None,
+            pixel_values=[im.pixel_values.to(dev, model.dtype) for im in imgs] or None,  # sizes as (H, W)
             image_sizes=[im.size_hw for im in imgs] or None,
             max_new_tokens=w.max_tokens,
             eos_token_id=[],
@@ -416,3 +416,67 @@ def test_engine_throughput_gpu_7b(bench_session):
         seq_cap=4,
         ours_sequential=False,
     )
+
+
+# ------------------------------------------------------------------------------------ host overhead (null model)
+HOST_TOKENS = (32, 256, 1024)  # output tokens per request
+HOST_REQUESTS = 64
+# ms/step at 1024 output tokens <= 1.3 x at 32 (as "ratio" = ms(32) / ms(1024) >= 1 / 1.3): the engine's host work
+# per step must not grow with the length of the answers (it did: whole-output decode and stop search per token)
+HOST_GATES = (Gate("tokens_32", 1 / 1.3, devices=ANYWHERE, modes=("tokens_1024",), why="constant host cost/token"),)
+
+
+class NullModel(torch.nn.Module):
+    """A model that costs nothing: ``forward_packed`` returns zeros and ``logits`` one fixed row (its argmax, a
+    word token, is every sampled token), so an engine step's time is its host work: scheduling, inputs, sampling,
+    stop checks, detokenization, outputs."""
+
+    def __init__(self, cfg: LlavaConfig, token: int) -> None:
+        super().__init__()
+        self.config = cfg
+        row = torch.zeros(1, cfg.text.vocab_size)
+        row[0, token] = 1.0
+        self.register_buffer("row", row)
+
+    @property
+    def device(self) -> torch.device:
+        return self.row.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.row.dtype
+
+    def forward_packed(self, batch, meta=None, cache=None, image_features=None, max_position=None) -> torch.Tensor:
+        return self.row.new_zeros(1, 1).expand(batch.input_ids.shape[0], self.config.text.hidden_size)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.row.expand(hidden.shape[0], -1)
+
+
+def host_ms_per_step(tokens: int, n: int = HOST_REQUESTS) -> dict:
+    """The engine on ``NullModel`` with the shipped default model's config and tokenizer: ``n`` text-only requests
+    decoding ``tokens`` tokens each (greedy, EOS ignored, all running at once); mean ms per decode step."""
+    from transformers import AutoTokenizer
+
+    from fastllava.config import load_json
+    from fastllava.default_model import default_model_path
+
+    path = default_model_path()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    cfg = LlavaConfig.from_hf_dict(load_json(path / "config.json"))
+    model = NullModel(cfg, tok(" shapes", add_special_tokens=False).input_ids[0])
+    ctx = tokens + 64
+    eng = LLMEngine(
+        model, tok, EngineConfig(max_num_seqs=n, max_model_len=ctx, num_blocks=n * -(-ctx // 16), block_size=16)
+    )
+    rng = random.Random(0)
+    for i in range(n):
+        prompt = [1] + [rng.randrange(5, 300) for _ in range(24)]
+        eng.add_request(str(i), prompt, None, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    eng.step()  # the prefills
+    steps, t0 = 0, time.perf_counter()
+    while eng.has_unfinished_requests():
+        eng.step()
+        steps += 1
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    return {"kind": "host_overhead", "name": "engine_host", "tokens": tokens, "requests": n, "ms_per_step": ms}

@@ -234,12 +234,11 @@ class StaticBackend(_LocalBackend):
         mask = torch.tensor([[0] * (width - len(p.input_ids)) + [1] * len(p.input_ids) for p in batch])
         with_images = [p for p in batch if p.pixel_values is not None]
         images = [p.pixel_values.to(model.device, model.dtype) for p in with_images] or None
-        order = getattr(model.config, "image_size_order", "hw")
-        sizes = [p.size_hw if order == "hw" else p.size_hw[::-1] for p in with_images] or None
+        sizes = [p.size_hw for p in with_images] or None
         out = model.generate(
             ids.to(model.device),
             attention_mask=mask.to(model.device),
-            images=images,
+            pixel_values=images,  # transformers' argument: image_sizes as (H, W)
             image_sizes=sizes,
             do_sample=params.temperature > 0,
             temperature=params.temperature,

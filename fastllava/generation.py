@@ -106,13 +106,20 @@ def generate(
     streamer=None,
     num_beams: int = 1,
     block_size: int = 16,
+    pixel_values=None,
+    stopping_criteria=None,
     **unused,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` for every prompt of a padded batch; returns the new ids ``[B, n]``
     (rows that finished early are padded with ``pad_token_id``, default the first EOS id or 0).
 
     Stops a row at EOS or when its decoded text contains one of ``stop_strings`` (needs ``tokenizer``).
-    ``temperature == 0`` or ``do_sample=False`` is greedy.
+    ``temperature == 0`` or ``do_sample=False`` is greedy. ``images`` + ``image_sizes`` as (W, H) is LLaVA's
+    call, ``pixel_values`` + (H, W) transformers'. ``stopping_criteria`` (transformers' / LLaVA's
+    ``KeywordsStoppingCriteria``) are called as transformers calls them: with prompt + generated ids
+    ``[B, L + n]`` and the last logits, returning a bool or a ``[B]`` bool tensor. ``streamer`` gets
+    ``put(prompt ids)``, ``put(token [B])`` per step and ``end()``, as transformers' streamers expect.
+    ``use_cache``, ``position_ids`` and the other keywords transformers' generate takes are ignored.
     """
     if num_beams != 1:
         raise ValueError("beam search is not supported; use num_beams=1 (LLaVA's default)")
@@ -121,7 +128,7 @@ def generate(
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer to decode the generated text")
     device = model.device
-    batch, _ = model._pack_padded(input_ids, attention_mask, images, image_sizes, None)
+    batch, _ = model._pack_padded(input_ids, attention_mask, images, image_sizes, None, pixel_values)
     B = len(batch.seq_lens)
     eos = _eos_ids(model, tokenizer, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
@@ -168,6 +175,10 @@ def generate(
             for b in range(B):
                 if stops.check(ids[b]):
                     finished[b] = True
+        if stopping_criteria:
+            full = torch.cat([input_ids.to(device), torch.stack(out, 1)], 1)  # (B, L + n), as transformers passes
+            for criterion in stopping_criteria:
+                finished |= torch.as_tensor(criterion(full, logits), device=device, dtype=torch.bool).expand(B)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         # decode step: one token per row at position `context`

@@ -106,8 +106,7 @@ class Chat:
         images, sizes = None, None
         if self.image_tensor is not None:
             images = self.image_tensor
-            w, h = self.image.size
-            sizes = [(w, h) if self.model.config.image_size_order == "wh" else (h, w)]
+            sizes = [self.image.size]  # LLaVA's images= call: PIL's (W, H) for every checkpoint layout
         stop = self.stop_string()
         a = self.args
         out = self.model.generate(

@@ -115,7 +115,7 @@ def test_batch_invariance_32_concurrent(which, anyres_model, model):
     for p, im, sp in reqs[:4]:
         ref = m.generate(
             torch.tensor([p]),
-            images=[x.pixel_values for x in im] or None,
+            pixel_values=[x.pixel_values for x in im] or None,  # transformers' call: sizes as (H, W)
             image_sizes=[x.size_hw for x in im] or None,
             max_new_tokens=sp.max_tokens,
             eos_token_id=[],

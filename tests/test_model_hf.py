@@ -119,9 +119,7 @@ def _ours(path, prompt, images, **load_kw):
     assert context_len == model.config.text.max_position_embeddings
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0)
     pixel = process_images(images, image_processor, model.config)
-    sizes = (
-        [img.size for img in images] if model.config.image_size_order == "wh" else [img.size[::-1] for img in images]
-    )
+    sizes = [img.size for img in images]  # LLaVA's call: PIL's (W, H) whatever the checkpoint layout
     with torch.no_grad():
         logits = model(input_ids, images=pixel, image_sizes=sizes).logits[0]
         new = model.generate(input_ids, images=pixel, image_sizes=sizes, max_new_tokens=N_NEW, eos_token_id=[])

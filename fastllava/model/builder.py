@@ -233,6 +233,7 @@ def load_pretrained_model(
         else:
             quantize_model_8bit_(model, skip_modules=skip)
     model.set_attn_implementation(attn_implementation)
+    model.image_processor = processor  # what LLaVA code reads as model.get_vision_tower().image_processor
     model.eval()
     context_len = config.text.max_position_embeddings
     return tokenizer, model, processor, context_len

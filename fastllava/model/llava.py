@@ -22,6 +22,7 @@ from fastllava.config import LlavaConfig
 from fastllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from fastllava.kernels import scatter_image_tokens
 from fastllava.model.language import AttnMetadata, KVCache, LanguageModel
+from fastllava.model.llava_compat import LlavaCompatMixin
 from fastllava.model.projector import Projector
 from fastllava.model.vision import VisionTower
 from fastllava.packing import ImageInput, PackedBatch, image_token_count, pack, shifted_targets
@@ -33,7 +34,10 @@ class LlavaOutput:
     loss: torch.Tensor | None = None
 
 
-class LlavaModel(nn.Module):
+class LlavaModel(LlavaCompatMixin, nn.Module):
+    """LLaVA over packed batches; LLaVA's own model methods (``get_vision_tower()``, ``get_model()``,
+    ``prepare_inputs_labels_for_multimodal`` ...) come from ``LlavaCompatMixin``."""
+
     def __init__(self, config: LlavaConfig) -> None:
         super().__init__()
         self.config = config
@@ -71,14 +75,22 @@ class LlavaModel(nn.Module):
 
     # ------------------------------------------------------------------------------ the forward
 
-    def encode_images(self, pixel_values: torch.Tensor, feature_index: torch.Tensor | None) -> torch.Tensor:
-        """Tiles ``[N, 3, h, w]`` -> image tokens ``[sum(counts), D]`` in stream order."""
+    def select_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles ``[N, 3, h, w]`` -> the vision features LLaVA selects ``[N, L, C]`` (layer, CLS or not)."""
         feats = self.vision_tower(pixel_values, self.config.vision_feature_layer)  # (N, L', C)
         if not self.config.keeps_cls and not self.config.vision.is_siglip:
             feats = feats[:, 1:]  # LLaVA's "patch" features: drop CLS
-        feats = self.multi_modal_projector(feats.flatten(0, 1))  # (N * L, D)
+        return feats
+
+    def encode_images(self, pixel_values: torch.Tensor, feature_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Tiles ``[N, 3, h, w]`` -> image tokens ``[sum(counts), D]`` in stream order (``feature_index`` from
+        the packed batch); without an index, LLaVA's ``encode_images(images)``: ``[N, L, D]`` per tile."""
+        feats = self.select_features(pixel_values)
+        N = feats.shape[0]
+        # a tower moved to another dtype on its own (LLaVA's builder does `vision_tower.to(float16)`)
+        feats = self.multi_modal_projector(feats.flatten(0, 1).to(self.dtype))  # (N * L, D)
         if feature_index is None:
-            return feats
+            return feats.view(N, -1, feats.shape[-1])
         if self.config.use_image_newline:
             feats = torch.cat([feats, self.image_newline[None].to(feats.dtype)])
         return feats[feature_index]
@@ -89,7 +101,7 @@ class LlavaModel(nn.Module):
         if batch.image_offsets is None:
             return embeds
         if image_features is None:
-            image_features = self.encode_images(batch.pixel_values, batch.feature_index)
+            image_features = self.encode_images(batch.pixel_values, batch.feature_index).flatten(0, -2)
         return scatter_image_tokens(embeds, image_features.to(embeds.dtype), batch.image_offsets, batch.image_counts)
 
     def forward_packed(
@@ -125,8 +137,13 @@ class LlavaModel(nn.Module):
 
     # -------------------------------------------------------------------- LLaVA-style padded API
 
-    def images_to_inputs(self, images, image_sizes) -> list[ImageInput]:
-        """LLaVA/transformers ``images`` + ``image_sizes`` -> one ``ImageInput`` per image."""
+    def images_to_inputs(self, images, image_sizes, sizes_order: str = "wh") -> list[ImageInput]:
+        """LLaVA/transformers ``images`` + ``image_sizes`` -> one ``ImageInput`` per image.
+
+        ``sizes_order`` says what ``image_sizes`` holds: ``"wh"`` for LLaVA's ``images=`` (``PIL.Image.size``,
+        whatever the checkpoint layout), ``"hw"`` for transformers' ``pixel_values=``. A transformers NeXT
+        batch pads ``pixel_values`` to the most tiles of any image; ``pack`` keeps the tiles each one needs.
+        """
         if images is None:
             return []
         if isinstance(images, torch.Tensor):
@@ -136,19 +153,27 @@ class LlavaModel(nn.Module):
         for i, px in enumerate(images):
             if image_sizes is not None:
                 a, b = (int(v) for v in image_sizes[i])
-                size_hw = (a, b) if self.config.image_size_order == "hw" else (b, a)
+                size_hw = (a, b) if sizes_order == "hw" else (b, a)
             else:
                 size_hw = (tile, tile)
             px = px if px.dim() == 4 else px.unsqueeze(0)
             out.append(ImageInput(px.to(self.device), size_hw))
         return out
 
-    def _pack_padded(self, input_ids, attention_mask, images, image_sizes, labels):
-        """Split a padded [B, L] batch into per-sequence lists, assign images in order, and pack."""
+    def _pack_padded(self, input_ids, attention_mask, images, image_sizes, labels, pixel_values=None):
+        """Split a padded [B, L] batch into per-sequence lists, assign images in order, and pack.
+
+        ``images`` is LLaVA's argument (``image_sizes`` as (W, H)), ``pixel_values`` transformers' ((H, W)).
+        """
+        if images is not None and pixel_values is not None:
+            raise ValueError("pass images= (LLaVA, image_sizes as (W, H)) or pixel_values= (transformers), not both")
         ids_host = input_ids.tolist()
         mask_host = attention_mask.bool().tolist() if attention_mask is not None else None
         lab_host = labels.tolist() if labels is not None else None
-        img_inputs = self.images_to_inputs(images, image_sizes)
+        if pixel_values is not None:
+            img_inputs = self.images_to_inputs(pixel_values, image_sizes, sizes_order="hw")
+        else:
+            img_inputs = self.images_to_inputs(images, image_sizes, sizes_order="wh")
         seqs, seq_labels, seq_images, positions = [], [], [], []
         img = 0
         hf_token = self.config.image_token_index
@@ -193,12 +218,13 @@ class LlavaModel(nn.Module):
     ) -> LlavaOutput:
         """LLaVA's forward: logits ``[B, L', V]`` over each sequence with its image slots expanded
         (LLaVA-style ``IMAGE_TOKEN_INDEX`` prompts) or at the input positions (llava-hf prompts, whose image
-        tokens are already expanded); ``loss`` when ``labels`` are given (mean over target tokens)."""
-        if images is None:
-            images = pixel_values
+        tokens are already expanded); ``loss`` when ``labels`` are given (mean over target tokens).
+
+        ``images=`` + ``image_sizes`` as ``PIL.Image.size`` (W, H) is LLaVA's call; ``pixel_values=`` +
+        ``image_sizes`` as (H, W) is transformers' call (its processor's output, unpacked with ``**``)."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        batch, positions = self._pack_padded(input_ids, attention_mask, images, image_sizes, labels)
+        batch, positions = self._pack_padded(input_ids, attention_mask, images, image_sizes, labels, pixel_values)
         hidden = self.forward_packed(batch)
         logits = self.logits(hidden)  # (T, V)
         expanded = bool((input_ids == IMAGE_TOKEN_INDEX).any())
@@ -223,9 +249,14 @@ class LlavaModel(nn.Module):
         return LlavaOutput(logits=out, loss=loss)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, images=None, image_sizes=None, **kwargs) -> torch.Tensor:
+    def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs) -> torch.Tensor:
         """Generate new tokens; returns only the new ids ``[B, n]`` (LLaVA passes embeddings to HF
-        ``generate``, so it too returns only new tokens). See ``fastllava.generation.generate``."""
+        ``generate``, so it too returns only new tokens). ``inputs`` is LLaVA's name for the prompt ids
+        (``input_ids=`` works too). See ``fastllava.generation.generate`` for the keywords."""
         from fastllava.generation import generate
 
-        return generate(self, input_ids, images=images, image_sizes=image_sizes, **kwargs)
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if inputs is None:
+            raise ValueError("generate needs the prompt ids (inputs= or input_ids=); inputs_embeds is not supported")
+        return generate(self, inputs, images=images, image_sizes=image_sizes, **kwargs)

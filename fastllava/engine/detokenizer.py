@@ -8,8 +8,9 @@ prefix/read offsets of vLLM's incremental detokenizer (``detokenize_incrementall
 
 Each step decodes ``ids[prefix:]``; what it adds past ``prefix_text`` is new text. It is committed (and the
 window slides: ``prefix = read``, ``read = len(ids)``) unless it ends in U+FFFD, i.e. a multi-byte character
-whose bytes are split across tokens (byte-level BPE, sentencepiece byte fallback) is still incomplete; then
-the window grows until the character completes. Decoding a window rather than single tokens keeps what
+whose bytes are split across tokens (byte-level BPE, sentencepiece byte fallback) is still incomplete, or
+its last token is a byte-fallback or special token (see ``uncommittable_ids``); then the window grows until that is
+over. Decoding a window rather than single tokens keeps what
 context-dependent decoders do at token boundaries (sentencepiece's leading-space strip happens to the
 window's first token in both decodes, and cancels). The text so far is always ``committed + pending``, and
 equals ``tokenizer.decode(ids, skip_special_tokens=True)`` (the tests check it at every prefix).
@@ -21,9 +22,25 @@ become the start of a stop string) and never streams the pending tail (an incomp
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 
 REPLACEMENT = "\ufffd"  # what a decoder yields for the bytes of an incomplete UTF-8 character
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@functools.lru_cache(maxsize=8)
+def uncommittable_ids(tokenizer) -> frozenset[int]:
+    """Ids a window never ends a commit on: sentencepiece byte-fallback tokens (``<0xNN>``) and special tokens.
+
+    The byte-fallback decoder turns each run of byte tokens into text as one byte string, and when the run is
+    not valid UTF-8 *every* byte of it becomes U+FFFD: a later byte can turn characters already decoded into
+    replacement characters. Special tokens are dropped before decoding (``skip_special_tokens``), so the bytes
+    on both sides of one are one run. Found once per tokenizer."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    ids = {i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t)}
+    return frozenset(ids | set(getattr(tokenizer, "all_special_ids", ())))
 
 
 class IncrementalDetokenizer:
@@ -45,6 +62,7 @@ class IncrementalDetokenizer:
         self.unsent = ""  # committed text not streamed yet: at most `hold` chars + one step's new text
         self.pending = ""  # decoded tokens past `read` whose text is not committed (may end in U+FFFD)
         self.stopped: str | None = None  # the stop string found
+        self.uncommittable = uncommittable_ids(tokenizer)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -62,7 +80,7 @@ class IncrementalDetokenizer:
             new = text[len(self.prefix_text) :]
         else:  # a decoder that rewrote the window's start (e.g. clean_up_tokenization_spaces): redo it alone
             new = self._decode(self.ids[self.read : n])
-        if new and not new.endswith(REPLACEMENT):
+        if new and not new.endswith(REPLACEMENT) and self.ids[n - 1] not in self.uncommittable:
             self.unsent += new
             self.pending = ""
             self.prefix, self.read = self.read, n

@@ -34,6 +34,7 @@ extras = {
         "prometheus-client",
         "gradio",
         "playwright",
+        "hypothesis",  # property-based fuzzing of the servers' request schema (tests/test_serve_hardening.py)
     ],
 }
 extras["all"] = sorted({d for k, v in extras.items() if k not in ("flash", "xformers", "dev") for d in v})

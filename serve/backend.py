@@ -2,9 +2,15 @@
 
     backend = EngineBackend(BackendConfig(model_path="path/to/llava"))
     backend.load()                                                     # blocking: run it in a thread
-    prep = await backend.prepare("req-1", backend.chat_prompt(messages), images, max_tokens=64)
-    async for delta in backend.stream(prep):                           # text pieces, then finish_reason
+    req = await backend.prepare("req-1", messages, image_refs, policy, SamplingArgs(max_tokens=64))
+    async for delta in backend.stream(req):                            # text pieces, then finish_reason
         ...
+
+Everything CPU-heavy about a request runs in a small thread pool, never on the event loop: image decoding,
+prompt building, tokenization and the engine's ``make_request`` (the one front door, where images are
+preprocessed and hashed and the context checked). The pool's size bounds how many requests do that work
+at once, and ``PixelBudget`` bounds the image pixels they hold. The engine's errors become HTTP errors
+here (``engine_errors``).
 
 Prompts are built as ``serve.cli`` builds them: the LLaVA template guessed from the model name (or
 ``conv_mode``), the checkpoint's chat template when it carries one, ``<image>`` placeholders expanded by
@@ -15,28 +21,35 @@ length (and ``usage.prompt_tokens``) counts image tokens.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
+import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from fastllava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from fastllava.conversation import SeparatorStyle, apply_chat_template, conv_templates, guess_conv_mode
 from fastllava.engine import (
     AsyncLLMEngine,
     EngineConfig,
-    EngineImage,
+    EngineDeadError,
     LLMEngine,
     QueueFullError,
+    RequestFailedError,
     RequestMetrics,
     RequestTooLargeError,
     SamplingParams,
 )
-from fastllava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
-from fastllava.packing import image_token_count
+from fastllava.engine.request import Request
+from fastllava.mm_utils import get_model_name_from_path, tokenizer_image_token
 
-from .protocol import ImageRef, Message, bad_request, overloaded
+from . import protocol as P
+from .images import ImagePolicy, PixelBudget, decode_sources, image_sources
+
+logger = logging.getLogger("fastllava.worker")
+CHARS_PER_TOKEN_CAP = 32  # prompt characters allowed per context token (no tokenizer packs more per token)
 
 
 @dataclass
@@ -55,18 +68,23 @@ class BackendConfig:
     num_blocks: int | None = None
     max_model_len: int | None = None
     default_max_tokens: int = 512  # when a request names none (capped by the context left)
+    preprocess_threads: int = 2  # the pool that decodes, tokenizes and preprocesses requests
+    max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_CAP x the context length
+    max_pixels_in_flight: int = 8 * 4096 * 4096  # image pixels being decoded/preprocessed at once
 
 
 @dataclass
-class Prepared:
-    """A request ready for the engine."""
+class SamplingArgs:
+    """A request's sampling settings as the HTTP routes give them (``max_tokens=None``: up to the default)."""
 
-    request_id: str
-    prompt: str
-    prompt_token_ids: list[int]  # with IMAGE_TOKEN_INDEX placeholders
-    images: list[EngineImage]
-    params: SamplingParams
-    prompt_tokens: int  # after image expansion
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+    clamp_max_tokens: bool = False  # LLaVA's workers cut max_new_tokens to the context left
 
 
 @dataclass
@@ -80,15 +98,48 @@ class Delta:
     metrics: RequestMetrics | None = None
 
 
-class EngineBackend:
-    """Loads the model, builds prompts, and streams generations through ``AsyncLLMEngine``."""
+@contextlib.contextmanager
+def engine_errors(
+    request_id: str, on_dead: Callable[[BaseException], None] | None = None, context_len: int | None = None
+) -> Iterator[None]:
+    """The engine's exceptions as HTTP errors: bad input 400 (naming the field), a full queue 429, a failed
+    request 500 with its id, a dead engine 503 (and ``on_dead``, which takes the worker out of service)."""
+    try:
+        yield
+    except RequestTooLargeError as e:
+        param = getattr(e, "param", None) or "messages"
+        what = f"this model's maximum context length is {context_len} tokens: " if context_len else ""
+        raise P.bad_request(what + str(e), param, "context_length_exceeded") from e
+    except QueueFullError as e:
+        raise P.overloaded(f"the worker's queue is full ({e}); retry later", status=429) from e
+    except RequestFailedError as e:
+        logger.error("request %s failed in the engine: %s", request_id, e.__cause__ or e)
+        raise P.APIError(500, f"the generation of request {request_id} failed; the worker keeps serving, retry it",
+                         "server_error", None, "request_failed") from e  # fmt: skip
+    except EngineDeadError as e:
+        if on_dead is not None:
+            on_dead(e)
+        raise P.APIError(503, "the worker's engine has failed; the worker is restarting", "server_error", None,
+                         "worker_unhealthy", retry_after=5) from e  # fmt: skip
+    except (ValueError, TypeError) as e:  # SamplingParams / make_request: the message starts with the field
+        first = str(e).split(" ", 1)[0]
+        param = first if first.isidentifier() and first in SamplingParams.__dataclass_fields__ else None
+        raise P.bad_request(str(e), param) from e
 
-    def __init__(self, config: BackendConfig) -> None:
+
+class EngineBackend:
+    """Loads the model, builds requests in a bounded pool, and streams them through ``AsyncLLMEngine``."""
+
+    def __init__(self, config: BackendConfig, on_dead: Callable[[BaseException], None] | None = None) -> None:
         self.config = config
+        self.on_dead = on_dead
         self.model_name = config.model_name or get_model_name_from_path(str(config.model_path))
         self.engine: AsyncLLMEngine | None = None
         self.tokenizer = self.model = self.image_processor = None
         self.context_len = 0
+        self.vocab_size: int | None = None
+        self.pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
+        self.pixels = PixelBudget(config.max_pixels_in_flight)
         self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens) for the throughput
 
     # ------------------------------------------------------------------------------------------ loading
@@ -123,11 +174,19 @@ class EngineBackend:
             image_processor=self.image_processor,
         )
         self.context_len = engine.max_model_len
-        self.engine = AsyncLLMEngine(engine)
+        self.vocab_size = int(self.model.config.text.vocab_size)
+        self.engine = AsyncLLMEngine(engine, on_dead=self.on_dead)
 
     @property
     def loaded(self) -> bool:
         return self.engine is not None
+
+    def limits(self, max_images: int | None) -> P.Limits:
+        """What this worker accepts (validated before any work, by the worker and by its controller)."""
+        if not self.loaded:
+            return P.Limits(max_images=max_images)
+        chars = self.config.max_prompt_chars or CHARS_PER_TOKEN_CAP * self.context_len
+        return P.Limits(self.context_len, self.vocab_size, chars, max_images)
 
     # ------------------------------------------------------------------------------------------ prompts
     def _image_tag(self) -> str:
@@ -135,7 +194,7 @@ class EngineBackend:
             return DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
         return DEFAULT_IMAGE_TOKEN
 
-    def chat_prompt(self, messages: list[Message]) -> str:
+    def chat_prompt(self, messages: list[P.Message]) -> str:
         """The prompt for OpenAI-style messages: system text replaces the template's system prompt; each
         image part becomes an ``<image>`` where it stands (LLaVA puts it first: "<image>\\ntext")."""
         conv = conv_templates[self.conv_mode].copy()
@@ -147,7 +206,7 @@ class EngineBackend:
         for m in messages:
             if m.role == "system":
                 continue
-            pieces = [self._image_tag() if isinstance(p, ImageRef) else p.strip() for p in m.content]
+            pieces = [self._image_tag() if isinstance(p, P.ImageRef) else p.strip() for p in m.content]
             text = "\n".join(p for p in pieces if p)
             if turns and turns[-1][0] == roles[m.role]:  # merge consecutive turns of one role
                 turns[-1] = (turns[-1][0], turns[-1][1] + "\n" + text)
@@ -164,94 +223,71 @@ class EngineBackend:
         stop = conv.sep if conv.sep_style != SeparatorStyle.TWO else conv.sep2
         return stop if stop and stop.strip() else None
 
-    def _engine_images(self, images) -> list[EngineImage]:
-        """Preprocess PIL images (CPU work: call in a thread); keyed by a hash of their pixels."""
-        out = []
-        for im in images:
-            px = process_images([im], self.image_processor, self.model.config)[0]
-            key = hashlib.sha256(f"{im.size}".encode() + im.tobytes()).hexdigest()
-            out.append(EngineImage(px, (im.size[1], im.size[0]), key))
-        return out
-
+    # ---------------------------------------------------------------------------------------- requests
     async def prepare(
         self,
         request_id: str,
-        prompt: str,
-        images: list,
-        *,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-        clamp_max_tokens: bool = False,
-    ) -> Prepared:
-        """Tokenize and check a request; a 400 ``APIError`` when it cannot fit the context (or, with
-        ``clamp_max_tokens``, as LLaVA's workers do, ``max_tokens`` is cut to the context left)."""
-        ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX)
+        prompt: str | list[P.Message],
+        image_refs: list,
+        policy: ImagePolicy,
+        args: SamplingArgs,
+    ) -> Request:
+        """Fetch, decode, tokenize and make an engine request (a prompt string as LLaVA sends it, or chat
+        messages). Raises ``APIError``: 400 for bad input, 429 when the pixel budget is full."""
+        sources = await image_sources(image_refs, policy)
+        pixels = sum(s.pixels for s in sources)
+        self.pixels.take(pixels)
+
+        def job() -> Request:  # the pixels are given back when the work is done, even if the client left
+            try:
+                return self._make(request_id, prompt, sources, policy, args)
+            finally:
+                self.pixels.give(pixels)
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+
+    def _make(self, request_id: str, prompt, sources, policy: ImagePolicy, args: SamplingArgs) -> Request:
+        """The blocking half of ``prepare`` (in the pool)."""
+        images = decode_sources(sources, policy)
+        text = prompt if isinstance(prompt, str) else self.chat_prompt(prompt)
+        ids = tokenizer_image_token(text, self.tokenizer, IMAGE_TOKEN_INDEX)
         n_placeholders = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
         if n_placeholders != len(images):
-            raise bad_request(f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images")
-        eimgs = await asyncio.to_thread(self._engine_images, images) if images else []
-        n_prompt = len(ids) - n_placeholders + sum(image_token_count(self.model.config, e.size_hw) for e in eimgs)
-        room = self.context_len - n_prompt
-        if room <= 0:
-            raise bad_request(
-                f"this model's maximum context length is {self.context_len} tokens, but the messages take "
-                f"{n_prompt} tokens (image tokens included)",
-                "messages",
-                "context_length_exceeded",
-            )
-        if max_tokens is None:
-            max_tokens = min(self.config.default_max_tokens, room)
-        elif clamp_max_tokens:
-            max_tokens = min(max_tokens, room)
-        elif max_tokens > room:
-            raise bad_request(
-                f"this model's maximum context length is {self.context_len} tokens, but {n_prompt + max_tokens} "
-                f"were requested ({n_prompt} in the messages, {max_tokens} in the completion)",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        stops = list(stop or [])
+            param = "prompt" if isinstance(prompt, str) else "messages"
+            raise P.bad_request(f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images", param)
+        stops = list(args.stop)
         if (t := self.template_stop()) is not None and t not in stops:
             stops.append(t)
-        try:
+        clamp = args.clamp_max_tokens or args.max_tokens is None
+        with engine_errors(request_id, context_len=self.context_len):
             params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seed,
+                max_tokens=args.max_tokens or self.config.default_max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
                 stop=stops,
-                ignore_eos=ignore_eos,
+                ignore_eos=args.ignore_eos,
             )
-        except ValueError as e:
-            raise bad_request(str(e)) from e
-        return Prepared(request_id, prompt, ids, eimgs, params, n_prompt)
+            return self.engine.engine.make_request(ids, images, params, request_id, clamp_max_tokens=clamp)
 
     # --------------------------------------------------------------------------------------- generation
-    async def stream(self, prep: Prepared) -> AsyncIterator[Delta]:
+    async def stream(self, req: Request) -> AsyncIterator[Delta]:
         """Stream one request. Leading whitespace of the answer is dropped (LLaVA strips its answers).
         Closing the iterator early aborts the request in the engine."""
-        gen = self.engine.generate(prep.prompt_token_ids, prep.images, prep.params, prep.request_id)
+        gen = self.engine.generate_request(req)
         started = False
         try:
-            async for out in gen:
-                text = out.delta_text
-                if not started:
-                    text = text.lstrip()
-                    started = bool(text)
-                if out.new_token_ids:
-                    self._recent.append((time.monotonic(), len(out.new_token_ids)))
-                if text or out.finished:
-                    yield Delta(text, out.finish_reason, prep.prompt_tokens, len(out.token_ids), out.metrics)
-        except RequestTooLargeError as e:
-            raise bad_request(str(e), "max_tokens", "context_length_exceeded") from e
-        except QueueFullError as e:
-            raise overloaded(f"the worker's queue is full ({e}); retry later", status=429) from e
+            with engine_errors(req.request_id, self.on_dead):
+                async for out in gen:
+                    text = out.delta_text
+                    if not started:
+                        text = text.lstrip()
+                        started = bool(text)
+                    if out.new_token_ids:
+                        self._recent.append((time.monotonic(), len(out.new_token_ids)))
+                    if text or out.finished:
+                        yield Delta(text, out.finish_reason, req.num_prompt_tokens, out.num_output_tokens, out.metrics)
         finally:
             await gen.aclose()
 

@@ -5,8 +5,17 @@ OpenAI-compatible ``/v1`` that routes by model name).
 
 Workers register (``/register_worker``) with the shared token from ``--worker-token`` or
 ``FASTLLAVA_WORKER_TOKEN`` in the ``X-Worker-Token`` header; with no token configured only loopback
-clients may register (LLaVA lets anyone register and then receive users' prompts). A worker whose
-heartbeats stop for ``--heart-beat-expiration`` seconds, or that refuses connections, is dropped.
+clients may register (LLaVA lets anyone register and then receive users' prompts). Worker statuses are
+validated (model names, a finite positive speed, a non-negative queue), and the controller refuses its own
+address: every request it forwards carries its id in ``X-Fastllava-Via``, so an address that leads back to
+it (itself, or a proxy in front of it) is refused at registration and dropped if it ever loops. A worker
+whose heartbeats stop for ``--heart-beat-expiration`` seconds, that refuses connections, or that says it is
+unhealthy, is dropped.
+
+Requests are validated with the workers' own schema and limits (``protocol.validate_chat`` /
+``validate_llava`` with the limits each worker reports), so the controller refuses exactly what a worker
+would. With API keys (``--api-key``) every generating route needs one; the controller forwards the client's
+key and the worker token, so keys on both the controller and the workers work.
 
 ``/v1/chat/completions`` streams from a worker and, until the worker has produced the first token, a
 request that fails on one worker (connection refused, died, draining, overloaded) is retried on another;
@@ -19,10 +28,13 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import os
 import random
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import httpx
@@ -44,6 +56,7 @@ from .http_app import (
 
 logger = setup_logging("fastllava.controller")
 WORKER_TOKEN_HEADER = "x-worker-token"
+VIA_HEADER = "x-fastllava-via"  # ids of the controllers a request went through (loop detection)
 RETRYABLE_STATUS = (429, 503)
 LLAVA_NO_WORKER = "**No worker is serving this model right now.** Start a worker or try again shortly."
 
@@ -54,6 +67,7 @@ class WorkerInfo:
     speed: float
     queue_length: int
     check_heart_beat: bool
+    limits: P.Limits = field(default_factory=P.Limits)
     last_heart_beat: float = field(default_factory=time.monotonic)
 
 
@@ -66,13 +80,14 @@ class Registry:
         self.method, self.expiration = dispatch_method, expiration
         self.workers: dict[str, WorkerInfo] = {}
 
-    def register(self, name: str, status: dict, check_heart_beat: bool = True) -> None:
-        self.workers[name] = WorkerInfo(
-            model_names=[str(m) for m in status.get("model_names", [])],
-            speed=float(status.get("speed", 1.0)) or 1.0,
-            queue_length=int(status.get("queue_length", 0)),
-            check_heart_beat=check_heart_beat,
-        )
+    def register(self, name: str, status: P.WorkerStatus | dict, check_heart_beat: bool = True) -> None:
+        """Add or refresh a worker; a status dict is validated (a 400 ``APIError`` naming the bad field)."""
+        st = status if isinstance(status, P.WorkerStatus) else P.validate(P.WorkerStatus, status)
+        self.workers[name] = WorkerInfo(st.model_names, st.speed, st.queue_length, check_heart_beat, st.worker_limits())
+
+    def limits(self, model: str) -> P.Limits:
+        """What the workers serving ``model`` accept (the loosest of them: any may get the request)."""
+        return P.Limits.loosest(w.limits for w in self.workers.values() if model in w.model_names)
 
     def remove(self, name: str, why: str) -> None:
         if self.workers.pop(name, None) is not None:
@@ -115,6 +130,7 @@ class Controller:
         self.api_keys = api_keys_from(args.api_key)
         self.client: httpx.AsyncClient | None = None
         self.counters = {"requests": 0, "retries": 0, "failed_mid_stream": 0}
+        self.id = uuid.uuid4().hex[:16]  # in X-Fastllava-Via of everything it forwards
 
     def authorize_worker(self, request: Request) -> None:
         if self.token is None:
@@ -127,8 +143,48 @@ class Controller:
             raise P.APIError(401, "worker registration needs the shared token (X-Worker-Token)",
                              "authentication_error", None, "invalid_worker_token")  # fmt: skip
 
+    def check_loop(self, request: Request) -> None:
+        """508 for a request this controller already forwarded (an address that leads back to it)."""
+        if self.id in request.headers.get(VIA_HEADER, "").split(","):
+            raise P.APIError(508, "this request came back to the controller that forwarded it (a worker address "
+                             "leads back to the controller)", "server_error", None, "loop_detected")  # fmt: skip
+
+    def forward_headers(self, request: Request | None, rid: str) -> dict[str, str]:
+        """Headers for a request to a worker: the request id, our id for loop detection, the client's key
+        and the worker token (a worker with keys of its own accepts either)."""
+        via = ",".join(v for v in ((request.headers.get(VIA_HEADER) if request else None), self.id) if v)
+        headers = {"x-request-id": rid, VIA_HEADER: via}
+        if request is not None and request.headers.get("authorization"):
+            headers["authorization"] = request.headers["authorization"]
+        if self.token is not None:
+            headers[WORKER_TOKEN_HEADER] = self.token
+        return headers
+
+    async def check_not_self(self, name: str) -> None:
+        """Refuse a worker address that is this controller: its own host and port, or any address whose
+        ``/worker_get_status`` comes back here (a proxy in front of the controller)."""
+        url = httpx.URL(name)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        if port == self.args.port:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(url.host, port, type=socket.SOCK_STREAM)
+            except OSError:
+                infos = []
+            own = {self.args.host, "0.0.0.0", "::"}
+            for info in infos:
+                ip = ipaddress.ip_address(info[4][0].split("%")[0])
+                if ip.is_loopback or ip.is_unspecified or str(ip) in own:
+                    raise P.bad_request(f"'{name[:200]}' is this controller's own address", "worker_name")
+        try:
+            r = await self.client.post(name + "/worker_get_status", headers=self.forward_headers(None, "register"),
+                                       timeout=3.0)  # fmt: skip
+        except httpx.HTTPError:
+            return  # not reachable yet: it is dropped at its first failed request or missed heartbeat
+        if r.status_code == 508:
+            raise P.bad_request(f"'{name[:200]}' leads back to this controller", "worker_name")
+
     # ---------------------------------------------------------------------------------- OpenAI routing
-    async def open_stream(self, model: str, payload: dict, rid: str):
+    async def open_stream(self, model: str, payload: dict, headers: dict[str, str]):
         """Open a worker stream and read its first event, failing over between workers. Returns
         ``(worker, response, line iterator, first event)``; raises ``APIError`` when no worker can serve."""
         tried: set[str] = set()
@@ -148,8 +204,7 @@ class Controller:
             tried.add(worker)
             if len(tried) > 1:
                 self.counters["retries"] += 1
-            req = self.client.build_request("POST", worker + "/v1/chat/completions", json=payload,
-                                            headers={"x-request-id": rid})  # fmt: skip
+            req = self.client.build_request("POST", worker + "/v1/chat/completions", json=payload, headers=headers)
             try:
                 resp = await self.client.send(req, stream=True)
             except httpx.TransportError as e:
@@ -159,6 +214,8 @@ class Controller:
                 body = await resp.aread()
                 await resp.aclose()
                 err = _worker_error(resp.status_code, body, resp.headers)
+                if self.drop_if_broken(worker, resp.status_code, err.code):
+                    continue
                 if resp.status_code in RETRYABLE_STATUS:
                     last_error = err
                     continue
@@ -171,6 +228,13 @@ class Controller:
                 self.registry.remove(worker, "the connection broke before the first token")
                 continue
             return worker, resp, lines, first
+
+    def drop_if_broken(self, worker: str, status: int, code: str | None) -> bool:
+        """Drop a worker that answered that it cannot serve at all (dead engine, or a loop back to us)."""
+        if status == 508 or code == "worker_unhealthy":
+            self.registry.remove(worker, "it leads back to this controller" if status == 508 else "it is unhealthy")
+            return True
+        return False
 
 
 def _worker_error(status: int, body: bytes, headers) -> P.APIError:
@@ -214,43 +278,47 @@ def build_app(ctl: Controller) -> FastAPI:
         await ctl.client.aclose()
 
     app = FastAPI(title="fastllava controller", lifespan=lifespan)
-    app.add_middleware(LimitsMiddleware, max_body_bytes=ctl.args.max_body_bytes)
+    app.add_middleware(LimitsMiddleware, max_body_bytes=ctl.args.max_body_bytes,
+                       body_timeout=ctl.args.body_timeout, logger=logger)  # fmt: skip
     install_error_handlers(app, logger)
     reg = ctl.registry
+
+    async def body_of(request: Request, model_cls):
+        return P.validate(model_cls, P.parse_json_body(await request.body()))
 
     # ------------------------------------------------------------------------------------ LLaVA routes
     @app.post("/register_worker")
     async def register_worker(request: Request):
         ctl.authorize_worker(request)
-        data = P.parse_json_body(await request.body())
-        name = data.get("worker_name") if isinstance(data, dict) else None
-        if not isinstance(name, str) or not name.startswith(("http://", "https://")):
-            raise P.bad_request("'worker_name' must be the worker's http(s) address", "worker_name")
-        status = data.get("worker_status")
-        if not isinstance(status, dict):
+        data = await body_of(request, P.RegisterWorker)
+        name = data.worker_name.rstrip("/")
+        await ctl.check_not_self(name)
+        status = data.worker_status
+        if status is None:
             try:
                 r = await ctl.client.post(name + "/worker_get_status", timeout=5.0)
-                status = r.json()
+                status = P.validate(P.WorkerStatus, r.json())
             except (httpx.HTTPError, ValueError) as e:
-                raise P.bad_request(f"cannot get the status of {name}: {type(e).__name__}") from e
-        reg.register(name, status, bool(data.get("check_heart_beat", True)))
+                raise P.bad_request(f"cannot get the status of {name}: {type(e).__name__}", "worker_name") from e
+        reg.register(name, status, data.check_heart_beat)
         logger.info("registered worker %s serving %s", name, reg.workers[name].model_names)
         return {"registered": True}
 
     @app.post("/unregister_worker")
     async def unregister_worker(request: Request):
         ctl.authorize_worker(request)
-        data = P.parse_json_body(await request.body())
-        reg.remove(str((data or {}).get("worker_name")), "it asked to leave (draining)")
+        data = await body_of(request, P.WorkerNameBody)
+        reg.remove(data.worker_name, "it asked to leave (draining or unhealthy)")
         return {"unregistered": True}
 
     @app.post("/receive_heart_beat")
     async def receive_heart_beat(request: Request):
         ctl.authorize_worker(request)
-        data = P.parse_json_body(await request.body())
-        if not isinstance(data, dict):
-            raise P.bad_request("expected a JSON object")
-        return {"exist": reg.heart_beat(str(data.get("worker_name")), int(data.get("queue_length") or 0))}
+        beat = await body_of(request, P.HeartBeat)
+        known = reg.heart_beat(beat.worker_name, beat.queue_length)
+        if known and beat.worker_status is not None:
+            reg.workers[beat.worker_name].limits = beat.worker_status.worker_limits()
+        return {"exist": known}
 
     @app.post("/refresh_all_workers")
     async def refresh_all_workers():
@@ -258,7 +326,7 @@ def build_app(ctl: Controller) -> FastAPI:
             try:
                 r = await ctl.client.post(name + "/worker_get_status", timeout=5.0)
                 reg.register(name, r.json(), reg.workers[name].check_heart_beat)
-            except (httpx.HTTPError, ValueError, KeyError):
+            except (httpx.HTTPError, ValueError, P.APIError, KeyError):
                 reg.remove(name, "status check failed")
         return {}
 
@@ -268,38 +336,58 @@ def build_app(ctl: Controller) -> FastAPI:
 
     @app.post("/get_worker_address")
     async def get_worker_address(request: Request):
-        data = P.parse_json_body(await request.body())
-        return {"address": reg.pick(str((data or {}).get("model"))) or ""}
+        data = await body_of(request, P.ModelBody)
+        return {"address": reg.pick(data.model) or ""}
 
     @app.post("/worker_get_status")
-    async def worker_get_status():
+    async def worker_get_status(request: Request):
+        ctl.check_loop(request)
         models, speed, queue = set(), 0.0, 0
         for name in list(reg.workers):
             try:
-                st = (await ctl.client.post(name + "/worker_get_status", timeout=5.0)).json()
-            except (httpx.HTTPError, ValueError):
+                r = await ctl.client.post(name + "/worker_get_status", timeout=5.0,
+                                          headers=ctl.forward_headers(request, request_id_var.get()))  # fmt: skip
+                st = P.validate(P.WorkerStatus, r.json())
+            except (httpx.HTTPError, ValueError, P.APIError):
                 reg.remove(name, "status check failed")
                 continue
-            models.update(st.get("model_names", []))
-            speed += float(st.get("speed", 0))
-            queue += int(st.get("queue_length", 0))
+            models.update(st.model_names)
+            speed += st.speed
+            queue += st.queue_length
         return {"model_names": sorted(models), "speed": speed, "queue_length": queue}
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
-        """LLaVA's proxy route: NUL-separated JSON frames from the worker serving ``params["model"]``."""
-        raw = await request.body()
-        params = P.parse_json_body(raw)
-        model = str((params or {}).get("model"))
+        """LLaVA's proxy route: NUL-separated JSON frames from the worker serving ``params["model"]``.
+        Errors are LLaVA frames too (``error_code`` != 0), with the HTTP status of the error."""
+        try:
+            check_api_key(request, ctl.api_keys)
+            ctl.check_loop(request)
+            raw = P.parse_json_body(await request.body())
+            model = raw.get("model") if isinstance(raw, dict) else None
+            params = P.validate_llava(raw, reg.limits(model) if isinstance(model, str) else None)
+        except P.APIError as e:
+            return Response(P.llava_error_frame(e), status_code=e.status, headers=e.headers())
+        payload = params.model_dump(exclude_unset=True)
+        headers = ctl.forward_headers(request, request_id_var.get())
         tried: set[str] = set()
-        while (worker := reg.pick(model, tried)) is not None:
+        last: tuple[int, bytes, dict] | None = None
+        while (worker := reg.pick(str(params.model), tried)) is not None:
             tried.add(worker)
-            req = ctl.client.build_request("POST", worker + "/worker_generate_stream", content=raw)
+            req = ctl.client.build_request("POST", worker + "/worker_generate_stream", json=payload, headers=headers)
             try:
                 resp = await ctl.client.send(req, stream=True)
             except httpx.TransportError as e:
                 reg.remove(worker, f"unreachable ({type(e).__name__})")
                 continue
+            if resp.status_code != 200:
+                body = await resp.aread()
+                await resp.aclose()
+                code = _llava_error_code(body)
+                if ctl.drop_if_broken(worker, resp.status_code, code) or resp.status_code in RETRYABLE_STATUS:
+                    last = (resp.status_code, body, {k: v for k, v in resp.headers.items() if k == "retry-after"})
+                    continue
+                return Response(body, status_code=resp.status_code)
 
             async def relay(resp=resp, worker=worker):
                 try:
@@ -311,6 +399,8 @@ def build_app(ctl: Controller) -> FastAPI:
                     await resp.aclose()
 
             return StreamingResponse(relay())
+        if last is not None:
+            return Response(last[1], status_code=last[0], headers=last[2])
         return Response(P.llava_frame({"text": LLAVA_NO_WORKER, "error_code": 2}))
 
     # ----------------------------------------------------------------------------------- OpenAI routes
@@ -324,21 +414,24 @@ def build_app(ctl: Controller) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_api_key(request, ctl.api_keys)
-        body = P.parse_json_body(await request.body())
-        if not isinstance(body, dict):
-            raise P.bad_request("request body must be a JSON object")
-        model = body.get("model")
+        ctl.check_loop(request)
+        raw = P.parse_json_body(await request.body())
+        model = raw.get("model") if isinstance(raw, dict) else None
         if model is None and len(reg.models()) == 1:
             model = reg.models()[0]
-        if not isinstance(model, str):
+        # the workers' own schema and limits: whatever a worker would refuse is refused here, the same way
+        body = P.validate_chat({**raw, "model": model} if isinstance(raw, dict) else raw,
+                               reg.limits(model) if isinstance(model, str) else None)  # fmt: skip
+        if body.model is None:
             raise P.bad_request("'model' (a string) is required", "model")
-        stream = body.get("stream") is True
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else True
+        stream, include_usage = body.stream, body.include_usage if body.stream else True
         # always stream from the worker: the first event tells us it has started, so retries are safe before it
-        payload = {**body, "model": model, "stream": True, "stream_options": {"include_usage": True}}
+        payload = {**body.model_dump(exclude_unset=True), "stream": True, "stream_options": {"include_usage": True}}
         rid = request_id_var.get()
         ctl.counters["requests"] += 1
-        worker, resp, lines, first = await until_disconnected(request, ctl.open_stream(model, payload, rid))
+        opened = ctl.open_stream(body.model, payload, ctl.forward_headers(request, rid))
+        worker, resp, lines, first = await until_disconnected(request, opened)
+        model = body.model
         logger.info("routed a chat request for %s to %s", model, worker)
 
         async def events():
@@ -414,6 +507,13 @@ def build_app(ctl: Controller) -> FastAPI:
     return app
 
 
+def _llava_error_code(body: bytes) -> str | None:
+    try:
+        return json.loads(body.rstrip(b"\0"))["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _sse_raw(ev: str, include_usage: bool) -> bytes:
     """Re-frame a worker event for the client, dropping the usage chunk unless the client asked for it."""
     if ev == "[DONE]":
@@ -434,6 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-token", default=None, help="shared worker token (else $FASTLLAVA_WORKER_TOKEN)")
     p.add_argument("--api-key", action="append", help="require this bearer key on /v1 (repeatable)")
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request body (then 408)")
     return p.parse_args(argv)
 
 

@@ -1,11 +1,12 @@
 """HTTP plumbing shared by the controller and the workers (FastAPI/uvicorn live in ``serve/`` only).
 
 - ``LimitsMiddleware``: a request id per request (``X-Request-Id``, echoed back and put in every log line
-  through ``request_id_var``) and the body-size cap, enforced from ``Content-Length`` *and* while reading
-  (a chunked upload cannot get around it), before any JSON or image is parsed;
-- ``install_error_handlers``: ``APIError`` -> OpenAI's error shape; anything unexpected -> a 500 in the same
-  shape, logged with its request id, never with the request body;
-- ``check_api_key``: optional bearer keys for ``/v1/*``;
+  through ``request_id_var``); the body-size cap, enforced from ``Content-Length`` *and* while reading (a
+  chunked upload cannot get around it), and a deadline for reading the whole body (a client sending a byte a
+  second gets a 408 and its connection closed), before any JSON or image is parsed; and the one path for
+  unexpected errors: one traceback in the log with the request id, a 500 in OpenAI's shape naming the id;
+- ``install_error_handlers``: ``APIError`` -> OpenAI's error shape;
+- ``check_api_key``: optional bearer keys, on every route that generates;
 - ``until_disconnected``: run a coroutine, cancelling it if the client goes away (aborts the generation);
 - ``Server``: uvicorn whose first SIGTERM/SIGINT starts a graceful drain (``on_drain``) instead of exiting.
 """
@@ -19,15 +20,18 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .protocol import APIError
+from .protocol import APIError, parse_json_body
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a few base64 images of a few MB each
+DEFAULT_BODY_TIMEOUT = 60.0  # seconds to receive a whole request body (32 MB at ~0.5 MB/s)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -58,10 +62,18 @@ def _json_error(status: int, err: APIError) -> tuple[int, list[tuple[bytes, byte
 
 
 class LimitsMiddleware:
-    """Pure ASGI: assigns the request id and caps the body size (413 in OpenAI's shape)."""
+    """Pure ASGI: assigns the request id, caps the body size (413) and the time to read it (408), and turns
+    any exception no handler took into one logged traceback and a 500 (all in OpenAI's shape)."""
 
-    def __init__(self, app, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.app, self.max_body_bytes, self.body_timeout = app, max_body_bytes, body_timeout
+        self.logger = logger or logging.getLogger("fastllava.http")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -71,27 +83,51 @@ class LimitsMiddleware:
         token = request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
         too_big = APIError(413, f"request body is over the limit of {self.max_body_bytes} bytes", code="body_too_large")
+        started = finished = False
         try:
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 return await self._reply(send, too_big, rid)
-            seen = 0
+            seen, body_done = 0, False
+            deadline = asyncio.get_running_loop().time() + self.body_timeout
 
             async def limited_receive():
-                nonlocal seen
-                message = await receive()
+                nonlocal seen, body_done
+                if body_done:  # after the body only a disconnect can come: no deadline on waiting for it
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+                except TimeoutError:
+                    raise APIError(408, f"the request body was not received within {self.body_timeout:g}s",
+                                   code="request_timeout") from None  # fmt: skip
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
                     if seen > self.max_body_bytes:
                         raise APIError(413, too_big.message, code="body_too_large")
+                else:
+                    body_done = True
                 return message
 
             async def send_with_id(message):
+                nonlocal started, finished
                 if message["type"] == "http.response.start":
+                    started = True
                     message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                    finished = True
                 await send(message)
 
             await self.app(scope, limited_receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 -- the one place unexpected errors are logged and answered
+            path = scope.get("path", "")
+            self.logger.exception("%s %s failed: %s", scope.get("method"), path, type(exc).__name__)
+            if not started:
+                err = APIError(500, f"internal error ({type(exc).__name__}); request id {rid}, see the server log",
+                               "server_error")  # fmt: skip
+                await self._reply(send, err, rid)
+            elif not finished:  # mid-stream: end the body cleanly (the stream's own handler said why)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             request_id_var.reset(token)
 
@@ -105,6 +141,8 @@ class LimitsMiddleware:
 
 
 def install_error_handlers(app: FastAPI, logger: logging.Logger) -> None:
+    """``APIError`` and ``ClientGone`` as responses; anything else is ``LimitsMiddleware``'s (one traceback)."""
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         if exc.status >= 500:
@@ -115,12 +153,6 @@ def install_error_handlers(app: FastAPI, logger: logging.Logger) -> None:
     async def _gone(request: Request, exc: ClientGone):
         logger.info("%s %s: client disconnected, request aborted", request.method, request.url.path)
         return JSONResponse({"error": None}, status_code=499)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        logger.exception("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
-        err = APIError(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
-        return JSONResponse(err.body(), status_code=500)
 
 
 def api_keys_from(args_keys: list[str] | None) -> list[str]:
@@ -139,6 +171,19 @@ def check_api_key(request: Request, keys: list[str]) -> None:
     if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
         raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
                        None, "invalid_api_key")  # fmt: skip
+
+
+PARSE_INLINE_BYTES = 64 * 1024  # bodies up to this size are parsed on the event loop (microseconds)
+
+
+async def parse_body(request: Request, validate: Callable[[Any], Any], pool: Executor | None = None) -> Any:
+    """Read, parse and validate a JSON body; a large one (up to the body cap: tens of MB of JSON, seconds of
+    work) in ``pool`` so that the event loop keeps serving."""
+    raw = await request.body()
+    work = lambda: validate(parse_json_body(raw))
+    if len(raw) <= PARSE_INLINE_BYTES:
+        return work()
+    return await asyncio.get_running_loop().run_in_executor(pool, work)
 
 
 class ClientGone(Exception):
@@ -213,8 +258,13 @@ class Server(uvicorn.Server):
         await super().serve(sockets)
 
 
+def make_server(app, host: str, port: int, on_drain=None, log_level: str = "warning") -> Server:
+    """A ``Server`` for ``app`` (``asyncio.run(server.serve())``; ``server.should_exit = True`` stops it)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    return Server(config, on_drain)
+
+
 def run_server(app, host: str, port: int, on_drain=None, log_level: str = "warning") -> None:
     """Serve ``app`` until a signal (with a drain when ``on_drain`` is given)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
-    server = Server(config, on_drain)
-    asyncio.run(server.serve())  # our handle_exit records no signal, so uvicorn re-raises none: exit 0
+    # our handle_exit records no signal, so uvicorn re-raises none: exit 0
+    asyncio.run(make_server(app, host, port, on_drain, log_level).serve())

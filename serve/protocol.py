@@ -1,9 +1,15 @@
-"""Wire formats: OpenAI chat completions (validation, responses, stream chunks, errors, SSE) and LLaVA's
-worker stream (JSON objects each followed by a NUL byte).
+"""Wire formats: the request schema shared by the controller and the workers (pydantic models with a bound
+on every field), OpenAI chat-completion responses, stream chunks and errors, SSE, and LLaVA's worker
+stream (JSON objects each followed by a NUL byte).
 
-Validation is hand-written rather than a pydantic model so that every error names the exact field
-(``messages[0].content[1].image_url``) and never echoes the value back: a bad data URL may be megabytes of
-base64, and error messages end up in logs.
+    body = parse_json_body(raw)                          # 400 for bad JSON, over-deep nesting
+    req = validate_chat(body, limits)                    # 400 naming the field, e.g. messages[0].content[1].text
+    gen = validate_llava(body, limits)                   # LLaVA's /worker_generate_stream body
+
+The controller and the workers call the same two functions with the same ``Limits`` (a worker reports its
+own in its status), so whatever a worker would refuse the controller refuses first, with the same message.
+Errors name the field and never echo the value back: a bad data URL may be megabytes of base64, and error
+messages end up in logs.
 """
 
 from __future__ import annotations
@@ -12,11 +18,20 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4  # OpenAI's limit on `stop` strings
+MAX_STOP_CHARS = 256  # per stop string: the engine searches the new tail plus the longest stop string
+MAX_MESSAGES = 1024
+MAX_PARTS = 1024  # content parts per message
+MAX_INT_DIGITS = 40  # longer integer literals are refused while parsing (int() of 5000 digits raises)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_NEW_TOKENS_LLAVA = 1024  # LLaVA's workers cap max_new_tokens here
+LLAVA_ERROR = "**The worker could not answer this request.** "
 
 
 class APIError(Exception):
@@ -39,7 +54,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        h = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        if self.status in (408, 413):  # the body was not read to its end: the connection cannot be reused
+            h["Connection"] = "close"
+        return h
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -51,7 +69,81 @@ def overloaded(message: str, status: int = 503, retry_after: int = 1) -> APIErro
     return APIError(status, message, "server_error", None, kind, retry_after)
 
 
-# ------------------------------------------------------------------------------------------------ requests
+# ------------------------------------------------------------------------------------------------- JSON
+
+
+class _TooLongInt(float):
+    """An integer literal of more than ``MAX_INT_DIGITS`` digits: a float (inf) that no field accepts, so
+    the error names the field instead of failing the whole parse (``int()`` refuses 4300+ digits)."""
+
+
+def _parse_int(s: str) -> int | float:
+    return int(s) if len(s) <= MAX_INT_DIGITS else _TooLongInt("inf")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request body as JSON, or a 400 that says where it broke (the body itself is not echoed).
+    ``NaN``/``Infinity`` parse (the schema refuses them, naming the field); nesting deeper than Python's
+    recursion limit is a 400, not a ``RecursionError``."""
+    try:
+        return json.loads(raw, parse_int=_parse_int)
+    except RecursionError as e:
+        raise bad_request("request body is nested too deeply", code="invalid_json") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        pos = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise bad_request(f"request body is not valid JSON{pos}: {getattr(e, 'msg', e)}", code="invalid_json") from e
+
+
+# ------------------------------------------------------------------------------------------- field types
+
+
+def _utf8(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escape: a lone surrogate, which no tokenizer can take
+        raise ValueError(f"contains a lone surrogate at position {e.start} (not valid UTF-8)") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+def _one_or_list(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not an int and true is not a number (OpenAI refuses both); unknown fields are ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+@dataclass
+class Limits:
+    """What a worker accepts beyond the static bounds: its context, vocabulary and caps (None: unchecked)."""
+
+    context_length: int | None = None
+    vocab_size: int | None = None
+    max_prompt_chars: int | None = None
+    max_images: int | None = None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def loosest(cls, many: Iterable[Limits]) -> Limits:
+        """The limits of a model served by several workers: a request any of them accepts passes."""
+        many = list(many)
+        out = cls()
+        for k in out.__dict__:
+            vals = [getattr(m, k) for m in many]
+            setattr(out, k, None if not vals or None in vals else max(vals))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- requests
 
 
 @dataclass
@@ -70,157 +162,210 @@ class Message:
     content: list[str | ImageRef]
 
 
-@dataclass
-class ChatRequest:
-    """A validated ``POST /v1/chat/completions`` body (only the fields we act on)."""
-
-    model: str | None
-    messages: list[Message]
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # vLLM extension
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    stream: bool = False
-    include_usage: bool = False
-    ignore_eos: bool = False  # vLLM extension (benchmarks, tests)
-
-    @property
-    def images(self) -> list[ImageRef]:
-        return [p for m in self.messages for p in m.content if isinstance(p, ImageRef)]
-
-
-def parse_json_body(raw: bytes) -> Any:
-    """The request body as JSON, or a 400 that says where it broke (the body itself is not echoed)."""
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        pos = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise bad_request(f"request body is not valid JSON{pos}: {getattr(e, 'msg', e)}", code="invalid_json") from e
-
-
-def _number(body: dict, key: str, lo: float, hi: float, default: float) -> float:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise bad_request(f"'{key}' must be a number", key)
-    if not lo <= v <= hi:
-        raise bad_request(f"'{key}' must be between {lo} and {hi}, got {v}", key)
-    return float(v)
-
-
-def _int(body: dict, key: str, lo: int | None = None) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise bad_request(f"'{key}' must be an integer", key)
-    if lo is not None and v < lo:
-        raise bad_request(f"'{key}' must be >= {lo}, got {v}", key)
+def _image_url_object(v: Any) -> Any:
+    if isinstance(v, str):
+        raise ValueError('must be an object {"url": ...}, not a bare string')
     return v
 
 
-def _content(content: Any, where: str) -> list[str | ImageRef]:
-    if isinstance(content, str):
-        return [content]
-    if content is None:
-        return []
-    if not isinstance(content, list):
-        raise bad_request(f"'{where}' must be a string or a list of content parts", where)
-    out: list[str | ImageRef] = []
-    for j, part in enumerate(content):
-        p = f"{where}[{j}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise bad_request(f"'{p}' must be an object with a 'type'", p)
-        kind = part["type"]
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad_request(f"'{p}.text' must be a string", f"{p}.text")
-            out.append(part["text"])
-        elif kind == "image_url":
-            iu = part.get("image_url")
-            if isinstance(iu, str):
-                raise bad_request(
-                    f"'{p}.image_url' must be an object {{\"url\": ...}}, not a bare string", f"{p}.image_url"
-                )
-            if not isinstance(iu, dict) or not isinstance(iu.get("url"), str) or not iu["url"]:
-                raise bad_request(f"'{p}.image_url' must be an object with a non-empty 'url'", f"{p}.image_url")
-            out.append(ImageRef(iu["url"], f"{p}.image_url"))
-        else:
-            raise bad_request(f"'{p}.type' {kind[:40]!r} is not supported (use 'text' or 'image_url')", f"{p}.type")
+class ImageURL(_Strict):
+    url: Annotated[Text, Field(min_length=1)]
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text", "image_url"]
+    text: Text | None = None
+    image_url: Annotated[ImageURL | None, BeforeValidator(_image_url_object)] = None
+
+
+def _content_parts(v: Any) -> Any:
+    return [{"type": "text", "text": v}] if isinstance(v, str) else v
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[
+        Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None, BeforeValidator(_content_parts)
+    ] = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    """A ``POST /v1/chat/completions`` body (the fields we act on; others are ignored, as OpenAI's are)."""
+
+    model: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    temperature: Annotated[Finite, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Count = 0  # vLLM extension; 0 = off
+    stop: Annotated[
+        Annotated[list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
+        | None,
+        BeforeValidator(_one_or_list),
+    ] = None
+    seed: Int64 | None = None
+    n: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM extension (benchmarks, tests)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_messages(self) -> list[Message]:
+        """The messages as text pieces and ``ImageRef``s, roles normalised (developer -> system)."""
+        out = []
+        for i, m in enumerate(self.messages):
+            pieces: list[str | ImageRef] = []
+            for j, p in enumerate(m.content or []):
+                if p.type == "text":
+                    pieces.append(p.text)
+                else:
+                    pieces.append(ImageRef(p.image_url.url, f"messages[{i}].content[{j}].image_url"))
+            out.append(Message(ROLES[m.role], pieces))
+        return out
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [p for m in self.to_messages() for p in m.content if isinstance(p, ImageRef)]
+
+    def prompt_chars(self) -> int:
+        return sum(len(p.text or "") for m in self.messages for p in m.content or [])
+
+
+class LlavaGenerateRequest(_Strict):
+    """LLaVA's ``/worker_generate_stream`` body (what its web UI and CLI send)."""
+
+    model: Text | None = None
+    prompt: Text
+    images: Annotated[list[Annotated[Text, Field(min_length=1)]], Field(max_length=MAX_PARTS)] | None = None
+    temperature: Annotated[Finite, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
+    max_new_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] = 256
+    stop: Annotated[Text, Field(max_length=MAX_STOP_CHARS)] | None = None
+
+
+class WorkerStatus(_Strict):
+    """What a worker reports about itself (registration, heartbeats, ``/worker_get_status``)."""
+
+    model_names: Annotated[list[Annotated[Text, Field(min_length=1, max_length=256)]], Field(max_length=64)]
+    speed: Annotated[Finite, Field(gt=0.0, le=1e9)] = 1.0
+    queue_length: Annotated[int, Field(ge=0, le=10**9)] = 0
+    limits: dict[str, Annotated[int, Field(ge=0, le=INT64_MAX)] | None] | None = None
+
+    def worker_limits(self) -> Limits:
+        known = Limits().__dict__
+        return Limits(**{k: v for k, v in (self.limits or {}).items() if k in known})
+
+
+WorkerName = Annotated[Text, Field(max_length=2048, pattern=r"^https?://[^\s/?#@]+/?$")]
+
+
+class RegisterWorker(_Strict):
+    worker_name: WorkerName
+    check_heart_beat: bool = True
+    worker_status: WorkerStatus | None = None
+
+
+class HeartBeat(_Strict):
+    worker_name: Annotated[Text, Field(max_length=2048)]
+    queue_length: Annotated[int, Field(ge=0, le=10**9)] = 0
+    worker_status: WorkerStatus | None = None
+
+
+class WorkerNameBody(_Strict):
+    worker_name: Annotated[Text, Field(max_length=2048)]
+
+
+class ModelBody(_Strict):
+    model: Annotated[Text, Field(max_length=1024)]
+
+
+def _param(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
-def parse_chat_request(body: Any, max_images: int | None = None) -> ChatRequest:
-    """Validate a chat-completions body; raises a 400 ``APIError`` naming the field. The image count is
-    checked here, before any image is decoded."""
+def validate(model: type[BaseModel], body: Any):
+    """``model`` validated from a parsed body; a 400 naming the first bad field (never its value)."""
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("'model' must be a string", "model")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad_request("'messages' must be a non-empty list", "messages")
-    messages = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise bad_request(f"'messages[{i}]' must be an object", f"messages[{i}]")
-        role = ROLES.get(m.get("role")) if isinstance(m.get("role"), str) else None
-        if role is None:
-            raise bad_request(
-                f"'messages[{i}].role' must be one of {sorted(ROLES)}, got {str(m.get('role'))[:40]!r}",
-                f"messages[{i}].role",
-            )
-        messages.append(Message(role, _content(m.get("content"), f"messages[{i}].content")))
-    if messages[-1].role != "user":
-        raise bad_request("the last message must be from the user", f"messages[{len(messages) - 1}].role")
-    n = _int(body, "n", 1)
-    if n not in (None, 1):
-        raise bad_request("only n=1 is supported", "n")
-    max_tokens = _int(body, "max_completion_tokens", 1)
-    max_tokens = _int(body, "max_tokens", 1) if max_tokens is None else max_tokens
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise bad_request("'stop' must be a string or a list of strings", "stop")
-    if len(stop) > MAX_STOP or any(not s for s in stop):
-        raise bad_request(f"'stop' takes at most {MAX_STOP} non-empty strings", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad_request("'stream' must be a boolean", "stream")
-    opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise bad_request("'stream_options' must be an object", "stream_options")
-    include_usage = bool((opts or {}).get("include_usage", False))
-    if opts and not stream:
-        raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
-    req = ChatRequest(
-        model=model,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, 1.0),
-        top_k=_int(body, "top_k", 0) or 0,
-        stop=list(stop),
-        seed=_int(body, "seed"),
-        stream=stream,
-        include_usage=include_usage,
-        ignore_eos=bool(body.get("ignore_eos", False)),
-    )
-    if req.top_p == 0:
-        raise bad_request("'top_p' must be > 0", "top_p")
-    if max_images is not None and len(req.images) > max_images:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        param = _param(err["loc"]) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise bad_request(f"'{param}': {msg}" if param else msg, param) from None
+
+
+def _check_context(max_tokens: int | None, top_k: int, limits: Limits, name: str = "max_tokens") -> None:
+    if max_tokens is not None and limits.context_length is not None and max_tokens > limits.context_length:
         raise bad_request(
-            f"too many images: {len(req.images)} in the request, at most {max_images} allowed",
-            "messages",
+            f"'{name}' is {max_tokens}, over this model's maximum context length of {limits.context_length} tokens",
+            name,
+            "context_length_exceeded",
+        )
+    if limits.vocab_size is not None and top_k > limits.vocab_size:
+        raise bad_request(f"'top_k' must be at most the vocabulary size {limits.vocab_size}", "top_k")
+
+
+def _check_prompt(chars: int, n_images: int, limits: Limits, param: str, images_param: str) -> None:
+    # checked before anything is tokenized or decoded: tokenizing 10 MB of text takes seconds
+    if limits.max_prompt_chars is not None and chars > limits.max_prompt_chars:
+        raise bad_request(
+            f"the prompt has {chars} characters, over this server's limit of {limits.max_prompt_chars}",
+            param,
+            "context_length_exceeded",
+        )
+    if limits.max_images is not None and n_images > limits.max_images:
+        raise bad_request(
+            f"too many images: {n_images} in the request, at most {limits.max_images} allowed",
+            images_param,
             "too_many_images",
         )
+
+
+def validate_chat(body: Any, limits: Limits | None = None) -> ChatRequest:
+    """Validate a chat-completions body; raises a 400 ``APIError`` naming the field. Counts (images, prompt
+    characters) are checked here, before any image is decoded or text tokenized."""
+    limits = limits or Limits()
+    req = validate(ChatRequest, body)
+    last = len(req.messages) - 1
+    if ROLES[req.messages[last].role] != "user":
+        raise bad_request("the last message must be from the user", f"messages[{last}].role")
+    if req.n not in (None, 1):
+        raise bad_request("only n=1 is supported", "n")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
+    for i, m in enumerate(req.messages):
+        for j, p in enumerate(m.content or []):
+            if getattr(p, p.type) is None:
+                raise bad_request(f"a '{p.type}' part needs a '{p.type}' field", f"messages[{i}].content[{j}].{p.type}")
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    _check_context(req.max_new_tokens, req.top_k, limits, name)
+    _check_prompt(req.prompt_chars(), len(req.images), limits, "messages", "messages")
+    return req
+
+
+def validate_llava(body: Any, limits: Limits | None = None) -> LlavaGenerateRequest:
+    """Validate LLaVA's ``/worker_generate_stream`` body (same limits as the chat route)."""
+    limits = limits or Limits()
+    req = validate(LlavaGenerateRequest, body)
+    _check_prompt(len(req.prompt), len(req.images or []), limits, "prompt", "images")
     return req
 
 
@@ -303,6 +448,12 @@ def assemble(events: Iterable[dict]) -> tuple[str, str | None, dict | None]:
 def llava_frame(obj: dict) -> bytes:
     """One message of LLaVA's ``/worker_generate_stream``: JSON then a NUL byte."""
     return json.dumps(obj).encode() + b"\0"
+
+
+def llava_error_frame(err: APIError) -> bytes:
+    """An error as a LLaVA frame: LLaVA's clients show ``text`` when ``error_code`` is not 0; ``error`` is
+    the same object an OpenAI route answers (its status goes in the HTTP status)."""
+    return llava_frame({"text": LLAVA_ERROR + err.message, "error_code": 1, **err.body()})
 
 
 def llava_frames(buffer: bytes) -> tuple[list[dict], bytes]:

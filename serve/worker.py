@@ -5,11 +5,16 @@ OpenAI-compatible API. Registers with a controller and heartbeats from a backgro
     python -m serve.worker --no-register --port 8000 --model-path DIR        # alone: OpenAI API only
 
 Routes: ``/worker_generate_stream`` and ``/worker_get_status`` (LLaVA's formats), ``/model_details``,
-``/v1/chat/completions``, ``/v1/models``, ``/health`` (503 while loading or draining), ``/metrics``.
+``/v1/chat/completions``, ``/v1/models``, ``/health`` (503 while loading, draining or unhealthy), ``/metrics``.
 The model loads in the background after the server is up; the worker registers once it is loaded.
 SIGTERM drains: the worker leaves the controller, refuses new requests with 503, finishes those in flight
 (up to ``--drain-timeout``), then exits. The registration token comes from ``--worker-token`` or
-``FASTLLAVA_WORKER_TOKEN``.
+``FASTLLAVA_WORKER_TOKEN``; with API keys (``--api-key``) both generating routes need a key or that token.
+
+Failures: a request whose generation fails gets a 500 naming its id (or an error event mid-stream) and the
+worker goes on serving. If the engine dies (``EngineDeadError``), the worker turns unhealthy (``/health``
+503, new requests 503 ``worker_unhealthy``), leaves its controller, and exits with status 3 so that a
+supervisor (``fastllava serve``, systemd, Kubernetes) starts a fresh one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import os
 import threading
 import time
@@ -27,23 +33,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import protocol as P
-from .backend import BackendConfig, Delta, EngineBackend
+from .backend import BackendConfig, Delta, EngineBackend, SamplingArgs
 from .http_app import (
     LimitsMiddleware,
     api_keys_from,
     check_api_key,
     install_error_handlers,
+    make_server,
+    parse_body,
     request_id_var,
-    run_server,
     setup_logging,
     until_disconnected,
 )
-from .images import ImagePolicy, fetch_image, fetch_images
+from .images import ImagePolicy
 from .metrics import WorkerMetrics
 
 logger = setup_logging("fastllava.worker")
 WORKER_TOKEN_HEADER = "X-Worker-Token"
-LLAVA_ERROR = "**The worker could not answer this request.** "
+EXIT_ENGINE_DEAD = 3  # the exit status after the engine died (a supervisor restarts the worker)
 
 
 class Registrar:
@@ -122,7 +129,11 @@ class WorkerServer:
                 num_blocks=args.num_blocks,
                 max_model_len=args.max_model_len,
                 default_max_tokens=args.default_max_tokens,
-            )
+                preprocess_threads=args.preprocess_threads,
+                max_prompt_chars=args.max_prompt_chars,
+                max_pixels_in_flight=args.max_pixels_in_flight or args.max_images * args.max_image_pixels,
+            ),
+            on_dead=self.on_dead,
         )
         self.policy = ImagePolicy(
             max_images=args.max_images,
@@ -133,10 +144,12 @@ class WorkerServer:
             allowed_local_dir=args.allowed_local_image_dir,
         )
         self.api_keys = api_keys_from(args.api_key)
+        self.token = args.worker_token or os.environ.get("FASTLLAVA_WORKER_TOKEN") or None
         self.state = "loading"
         self.in_flight = 0
         self.metrics = WorkerMetrics(self)
         self.registrar: Registrar | None = None
+        self.server = None  # the uvicorn server, told to exit when the engine dies
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -150,11 +163,22 @@ class WorkerServer:
         self.state = "ready"
         logger.info("model %s loaded in %.1fs", self.backend.model_name, time.perf_counter() - t0)
         if not self.args.no_register:
-            token = self.args.worker_token or os.environ.get("FASTLLAVA_WORKER_TOKEN") or None
             self.registrar = Registrar(
-                self.args.controller_address, self.address, token, self.args.heart_beat_interval, self.status
+                self.args.controller_address, self.address, self.token, self.args.heart_beat_interval, self.status
             )
             self.registrar.start()
+
+    def on_dead(self, exc: BaseException) -> None:
+        """The engine cannot serve any more: refuse work, leave the controller, exit non-zero (once)."""
+        if self.state == "unhealthy":
+            return
+        self.state = "unhealthy"
+        logger.error("the engine has failed (%s: %s): leaving the controller and exiting with status %d",
+                     type(exc).__name__, exc, EXIT_ENGINE_DEAD)  # fmt: skip
+        if self.registrar is not None:
+            threading.Thread(target=self.registrar.stop, name="unregister", daemon=True).start()
+        if self.server is not None:  # a moment for the failed streams to send their error events
+            asyncio.get_running_loop().call_later(1.0, setattr, self.server, "should_exit", True)
 
     @property
     def address(self) -> str:
@@ -175,8 +199,21 @@ class WorkerServer:
 
     def check_ready(self) -> None:
         if self.state != "ready":
-            raise P.APIError(503, f"the worker is {self.state}; retry shortly", "server_error", None,
-                             "service_unavailable", retry_after=2)  # fmt: skip
+            code = "worker_unhealthy" if self.state == "unhealthy" else "service_unavailable"
+            raise P.APIError(503, f"the worker is {self.state}; retry shortly", "server_error", None, code,
+                             retry_after=2)  # fmt: skip
+
+    def check_key(self, request: Request) -> None:
+        """An API key, or the worker token that the controller sends (keys on both ends then work)."""
+        if self.token is not None and self.api_keys:
+            given = request.headers.get(WORKER_TOKEN_HEADER, "")
+            if hmac.compare_digest(given.encode(), self.token.encode()):
+                return
+        check_api_key(request, self.api_keys)
+
+    @property
+    def limits(self) -> P.Limits:
+        return self.backend.limits(self.policy.max_images)
 
     def status(self) -> dict:
         """LLaVA's worker status (``speed`` is the configured relative speed, as LLaVA uses it for dispatch)."""
@@ -186,6 +223,7 @@ class WorkerServer:
             "queue_length": self.in_flight,
             "throughput": round(self.backend.throughput(), 2),
             "state": self.state,
+            "limits": self.limits.as_dict(),
         }
 
     @contextlib.contextmanager
@@ -213,13 +251,9 @@ def _openai_stream(server: WorkerServer, rid: str, req: P.ChatRequest, first: De
             if req.include_usage:
                 yield P.sse(P.chunk(rid, model, created, None, use=P.usage(last.prompt_tokens, last.completion_tokens)))
             server.metrics.on_finished(last.prompt_tokens, last.completion_tokens, last.finish_reason, last.metrics)
-        except P.APIError as e:  # the engine failed mid-stream: say so in the stream
+        except P.APIError as e:  # the request (or the engine) failed mid-stream: say so in the stream
             server.metrics.on_error(e.status)
             yield P.sse(e.body())
-        except (RuntimeError, ValueError) as e:
-            server.metrics.on_error(500)
-            logger.exception("generation failed mid-stream")
-            yield P.sse(P.APIError(500, f"generation failed ({type(e).__name__})", "server_error").body())
         finally:
             await rest.aclose()
             done()
@@ -247,9 +281,11 @@ def build_app(server: WorkerServer) -> FastAPI:
     async def lifespan(app):
         threading.Thread(target=server.load, name="model-loader", daemon=True).start()
         yield
+        server.backend.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fastllava worker", lifespan=lifespan)
-    app.add_middleware(LimitsMiddleware, max_body_bytes=server.args.max_body_bytes)
+    app.add_middleware(LimitsMiddleware, max_body_bytes=server.args.max_body_bytes,
+                       body_timeout=server.args.body_timeout, logger=logger)  # fmt: skip
     install_error_handlers(app, logger)
     backend = server.backend
 
@@ -274,30 +310,29 @@ def build_app(server: WorkerServer) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_api_key(request, server.api_keys)
+        server.check_key(request)
         card = {"id": backend.model_name, "object": "model", "created": int(time.time()), "owned_by": "fastllava"}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_api_key(request, server.api_keys)
+        server.check_key(request)
         server.check_ready()
-        req = P.parse_chat_request(P.parse_json_body(await request.body()), server.policy.max_images)
+        req = await parse_body(request, lambda body: P.validate_chat(body, server.limits), backend.pool)
         if req.model is not None and req.model != backend.model_name:
             raise P.APIError(404, f"the model {req.model[:100]!r} does not exist on this worker (it serves "
                              f"{backend.model_name!r})", param="model", code="model_not_found")  # fmt: skip
         rid = P.completion_id()
-        logger.info("chat %s: %d messages, %d images, stream=%s", rid, len(req.messages), len(req.images), req.stream)
+        images = req.images
+        logger.info("chat %s: %d messages, %d images, stream=%s", rid, len(req.messages), len(images), req.stream)
         tracker = server.tracking()
         tracker.__enter__()
         handed_off = False
         try:
-            images = await fetch_images(req.images, server.policy)
-            prep = await backend.prepare(
-                rid, backend.chat_prompt(req.messages), images, max_tokens=req.max_tokens,
-                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=req.stop, seed=req.seed,
-                ignore_eos=req.ignore_eos,
-            )  # fmt: skip
+            args = SamplingArgs(req.max_new_tokens, req.temperature, req.top_p, req.top_k, req.stop or [], req.seed,
+                                req.ignore_eos)  # fmt: skip
+            prep = await until_disconnected(request, backend.prepare(rid, req.to_messages(), images, server.policy,
+                                                                     args))  # fmt: skip
             stream = backend.stream(prep)
             if req.stream:
                 first = await until_disconnected(request, _first(stream))
@@ -318,34 +353,22 @@ def build_app(server: WorkerServer) -> FastAPI:
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
-        """LLaVA's worker stream: ``{"text": prompt + answer so far, "error_code": 0}`` frames."""
+        """LLaVA's worker stream: ``{"text": prompt + answer so far, "error_code": 0}`` frames; errors are
+        frames with ``error_code`` 1 and the error's HTTP status."""
+        rid = "llava-" + uuid.uuid4().hex[:16]
         try:
+            server.check_key(request)
             server.check_ready()
-            params = P.parse_json_body(await request.body())
-            if not isinstance(params, dict) or not isinstance(params.get("prompt"), str):
-                raise P.bad_request("'prompt' (a string) is required", "prompt")
-            raw_images = params.get("images") or []
-            if not isinstance(raw_images, list) or not all(isinstance(x, str) for x in raw_images):
-                raise P.bad_request("'images' must be a list of base64 strings", "images")
-            if len(raw_images) > server.policy.max_images:
-                raise P.bad_request(f"too many images: {len(raw_images)}, at most {server.policy.max_images}")
-            images = [
-                await fetch_image(
-                    x if x.startswith("data:") else "data:image/png;base64," + x, server.policy, f"images[{i}]"
-                )  # fmt: skip
-                for i, x in enumerate(raw_images)
-            ]
-            stop = params.get("stop")
-            prep = await backend.prepare(
-                "llava-" + uuid.uuid4().hex[:16], params["prompt"], images,
-                max_tokens=min(int(params.get("max_new_tokens", 256)), 1024),
-                temperature=float(params.get("temperature", 1.0)), top_p=float(params.get("top_p", 1.0)),
-                stop=[stop] if isinstance(stop, str) and stop else None, clamp_max_tokens=True,
-            )  # fmt: skip
-        except (P.APIError, ValueError, TypeError) as e:
-            msg = e.message if isinstance(e, P.APIError) else str(e)
-            return Response(P.llava_frame({"text": LLAVA_ERROR + msg, "error_code": 1}))
-        logger.info("llava stream %s: %d images (request %s)", prep.request_id, len(images), request_id_var.get())
+            params = await parse_body(request, lambda body: P.validate_llava(body, server.limits), backend.pool)
+            refs = [P.ImageRef(x if x.startswith("data:") else "data:image/png;base64," + x, f"images[{i}]")
+                    for i, x in enumerate(params.images or [])]  # fmt: skip
+            args = SamplingArgs(min(params.max_new_tokens, P.MAX_NEW_TOKENS_LLAVA), params.temperature, params.top_p,
+                                stop=[params.stop] if params.stop else [], clamp_max_tokens=True)  # fmt: skip
+            prep = await until_disconnected(request, backend.prepare(rid, params.prompt, refs, server.policy, args))
+        except P.APIError as e:
+            server.metrics.on_error(e.status)
+            return Response(P.llava_error_frame(e), status_code=e.status, headers=e.headers())
+        logger.info("llava stream %s: %d images (request %s)", rid, len(refs), request_id_var.get())
 
         async def frames():
             with server.tracking():
@@ -354,11 +377,12 @@ def build_app(server: WorkerServer) -> FastAPI:
                 try:
                     async for d in stream:
                         text += d.text
-                        yield P.llava_frame({"text": params["prompt"] + text, "error_code": 0})
+                        yield P.llava_frame({"text": params.prompt + text, "error_code": 0})
                         if d.finish_reason is not None:
                             server.metrics.on_finished(d.prompt_tokens, d.completion_tokens, d.finish_reason, d.metrics)
                 except P.APIError as e:
-                    yield P.llava_frame({"text": LLAVA_ERROR + e.message, "error_code": 1})
+                    server.metrics.on_error(e.status)
+                    yield P.llava_error_frame(e)
                 finally:
                     await stream.aclose()
 
@@ -395,6 +419,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-interval", type=int, default=1, help="accepted for LLaVA compatibility")
     p.add_argument("--api-key", action="append", help="require this bearer key on /v1 (repeatable)")
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request body (then 408)")
+    p.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="prompt characters per request, checked before tokenizing (default: 32 x the context)",
+    )
+    p.add_argument(
+        "--preprocess-threads",
+        type=int,
+        default=2,
+        help="threads that decode images, tokenize and preprocess (off the event loop)",
+    )
+    p.add_argument("--max-pixels-in-flight", type=int, default=None,
+                   help="image pixels decoded at once across requests; beyond: 429 (default: max-images x "
+                        "max-image-pixels)")  # fmt: skip
     p.add_argument("--max-images", type=int, default=8, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
     p.add_argument("--max-image-bytes", type=int, default=10 * 1024 * 1024)
@@ -418,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     server = WorkerServer(args)
     logger.info("worker on http://%s:%d, model %s (loading in the background)", args.host, args.port, args.model_path)
-    run_server(build_app(server), args.host, args.port, on_drain=server.drain)
-    return 1 if server.state == "failed" else 0
+    server.server = make_server(build_app(server), args.host, args.port, on_drain=server.drain)
+    asyncio.run(server.server.serve())
+    return {"failed": 1, "unhealthy": EXIT_ENGINE_DEAD}.get(server.state, 0)
 
 
 if __name__ == "__main__":

@@ -288,11 +288,13 @@ def test_llava_routes(stack, clients):
     prompt = "A chat.###Human: <image>\nWhat color is the shape?###Assistant:"
     params = {"model": name, "prompt": prompt, "images": [RED.split(",", 1)[1]], "temperature": 0,
               "max_new_tokens": 12, "stop": "###"}  # fmt: skip
-    with httpx.stream("POST", ctl + "/worker_generate_stream", json=params, timeout=60) as r:
+    assert httpx.post(ctl + "/worker_generate_stream", json=params).status_code == 401  # keys cover LLaVA's route
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", ctl + "/worker_generate_stream", json=params, headers=key, timeout=60) as r:
         frames, rest = P.llava_frames(r.read())
     assert frames and not rest and all(f["error_code"] == 0 for f in frames)
     assert frames[-1]["text"].startswith(prompt) and len(frames[-1]["text"]) > len(prompt)
-    bad = httpx.post(ctl + "/worker_generate_stream", json={**params, "model": "nope"})
+    bad = httpx.post(ctl + "/worker_generate_stream", json={**params, "model": "nope"}, headers=key)
     frames, _ = P.llava_frames(bad.content)
     assert frames[0]["error_code"] != 0 and "No worker" in frames[0]["text"]
 
@@ -416,12 +418,12 @@ def test_sigterm_drains_the_worker(stack, clients):
 
 
 def test_parse_chat_request_fields():
-    req = P.parse_chat_request(
+    req = P.validate_chat(
         {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": RED}}, {"type": "text", "text": "hi"}]}],
          "stop": "###", "max_completion_tokens": 7, "stream": True, "stream_options": {"include_usage": True}}
     )  # fmt: skip
-    assert req.stop == ["###"] and req.max_tokens == 7 and req.include_usage and len(req.images) == 1
+    assert req.stop == ["###"] and req.max_new_tokens == 7 and req.include_usage and len(req.images) == 1
     assert req.images[0].param == "messages[1].content[0].image_url"
     for body, param in [
         ({"messages": []}, "messages"),
@@ -433,7 +435,7 @@ def test_parse_chat_request_fields():
         ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type"),
     ]:
         with pytest.raises(P.APIError) as e:
-            P.parse_chat_request(body)
+            P.validate_chat(body)
         assert e.value.status == 400 and e.value.param == param
 
 

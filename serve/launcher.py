@@ -4,7 +4,10 @@
     fastllava serve --model-path DIR --host 0.0.0.0 --worker-token SECRET
 
 Prints the URLs once each part answers, and on Ctrl-C / SIGTERM stops them in reverse order (the worker
-drains first). The helpers (``free_port``, ``Proc``, ``wait_http``) also start servers in the tests.
+drains first). It supervises the worker: a worker that exits (its engine failed: status 3, or it crashed)
+is started again after a back-off (1 s, doubling to 30 s; back to 1 s after a minute of healthy running),
+logged, and registers with the controller again. The controller or the web UI exiting stops everything.
+The helpers (``free_port``, ``Proc``, ``wait_http``) also start servers in the tests.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class Proc:
     def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict | None = None) -> None:
         self.name = name
         self.log_path = Path(log_dir) / f"{name}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")  # a restarted process appends: the crash stays readable
         cwd = Path(__file__).resolve().parents[1] if PKG == "serve" else None  # a checkout: serve/ importable
         # own session: a Ctrl-C in the terminal reaches only the launcher, which stops the parts in order
         self.popen = subprocess.Popen(
@@ -118,22 +121,42 @@ def run_stack(args: argparse.Namespace) -> int:
         worker_cmd = module_cmd("worker", "--host", host, "--port", wport, "--controller-address", controller_url,
                                 "--worker-address", worker_url, "--model-path", args.model_path,
                                 "--device", args.device)  # fmt: skip
-        procs.append(Proc("worker", worker_cmd + list(args.worker_args or []), log_dir, env))
-        web_cmd = module_cmd("gradio_web_server", "--host", host, "--port", wport_ui,
-                             "--controller-url", controller_url, "--log-dir", log_dir / "web")  # fmt: skip
-        procs.append(Proc("web", web_cmd, log_dir, env))
+        worker_cmd += list(args.worker_args or [])
+        procs.append(Proc("worker", worker_cmd, log_dir, env))
+        print(f"worker pid {procs[1].popen.pid}", flush=True)
+        if not args.no_web:
+            web_cmd = module_cmd("gradio_web_server", "--host", host, "--port", wport_ui,
+                                 "--controller-url", controller_url, "--log-dir", log_dir / "web")  # fmt: skip
+            procs.append(Proc("web", web_cmd, log_dir, env))
         wait_http(controller_url + "/health", procs[0])
         print(f"controller  {controller_url}   (OpenAI API: {controller_url}/v1)", flush=True)
         wait_http(worker_url + "/health", procs[1], timeout=args.load_timeout)
         wait_http(controller_url + "/health", procs[0], ok=lambda r: r.json().get("workers", 0) > 0)
         print(f"worker      {worker_url}   model {Path(args.model_path).name}", flush=True)
-        wait_http(web_url + "/", procs[2])
-        print(f"web UI      {web_url}\nlogs        {log_dir}\nready: Ctrl-C stops everything", flush=True)
+        if not args.no_web:
+            wait_http(web_url + "/", procs[2])
+            print(f"web UI      {web_url}", flush=True)
+        print(f"logs        {log_dir}\nready: Ctrl-C stops everything", flush=True)
+        backoff = WorkerBackoff()
         while not stopping:
-            for p in procs:
-                if not p.alive():
+            for i, p in enumerate(procs):
+                if p.alive():
+                    continue
+                if p.name != "worker":
                     print(f"{p.name} exited ({p.popen.returncode}); stopping. Last lines:\n{p.log(1500)}", flush=True)
                     return 1
+                delay = backoff.next_delay()
+                print(f"worker exited ({p.popen.returncode}); restarting it in {delay:g}s (restart "
+                      f"{backoff.restarts}). Last lines:\n{p.log(1500)}", flush=True)  # fmt: skip
+                p.stop()
+                deadline = time.monotonic() + delay
+                while not stopping and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if stopping:
+                    break
+                procs[i] = Proc("worker", worker_cmd, log_dir, env)
+                print(f"worker pid {procs[i].popen.pid} (restarted; it registers again once loaded)", flush=True)
+            backoff.tick(procs[1].alive())
             time.sleep(0.5)
         return 0
     except (RuntimeError, TimeoutError) as e:
@@ -147,6 +170,26 @@ def run_stack(args: argparse.Namespace) -> int:
         print("stopped", flush=True)
 
 
+class WorkerBackoff:
+    """Restart delays: 1 s, doubling up to 30 s while restarts follow each other; a worker that has run for
+    ``healthy_after`` seconds resets it (a crash loop waits longer and longer, an occasional crash does not)."""
+
+    def __init__(self, first: float = 1.0, cap: float = 30.0, healthy_after: float = 60.0) -> None:
+        self.first, self.cap, self.healthy_after = first, cap, healthy_after
+        self.restarts, self._delay, self._up_since = 0, first, time.monotonic()
+
+    def next_delay(self) -> float:
+        delay = self._delay
+        self._delay = min(self._delay * 2, self.cap)
+        self.restarts += 1
+        self._up_since = time.monotonic() + delay
+        return delay
+
+    def tick(self, alive: bool) -> None:
+        if alive and time.monotonic() - self._up_since > self.healthy_after:
+            self._delay = self.first
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None, help="default: the embedded default model")
     p.add_argument("--host", default="127.0.0.1")
@@ -157,6 +200,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-token", default=None, help="default: $FASTLLAVA_WORKER_TOKEN or a random one")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--load-timeout", type=float, default=600.0)
+    p.add_argument("--no-web", action="store_true", help="controller and worker only (no web UI)")
     p.add_argument("--worker-args", nargs=argparse.REMAINDER, help="extra arguments for the worker (last)")
 
 

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,9 +33,16 @@ def msgs(*images: str, text: str = "What color is the shape?") -> list[dict]:
 
 
 @contextlib.contextmanager
-def cluster(model: Path, controller_args=(), workers: dict[str, list] | None = None, env: dict | None = None):
+def cluster(
+    model: Path,
+    controller_args=(),
+    workers: dict[str, list] | None = None,
+    env: dict | None = None,
+    worker_script: Path | None = None,
+):
     """A controller and named workers (``{"a": [extra worker args]}``) registered with it; yields
-    ``{"controller": url, "workers": {name: url}, "procs": {name: Proc}, "tmp": dir}``."""
+    ``{"controller": url, "workers": {name: url}, "procs": {name: Proc}, "tmp": dir}``. ``worker_script``: run
+    the workers as ``python worker_script ARGS`` instead of ``python -m serve.worker ARGS`` (fault injection)."""
     tmp = Path(tempfile.mkdtemp(prefix="fastllava-test-serve-"))
     env = {**os.environ, **(env or {})}
     cport = free_port()
@@ -46,7 +54,8 @@ def cluster(model: Path, controller_args=(), workers: dict[str, list] | None = N
         urls[name] = f"http://127.0.0.1:{port}"
         args = ["--port", port, "--controller-address", ctl_url, "--model-path", model, "--device", "cpu",
                 "--heart-beat-interval", 1, *extra]  # fmt: skip
-        procs[name] = Proc(f"worker-{name}", module_cmd("worker", *args), tmp, env)
+        cmd = [sys.executable, str(worker_script), *map(str, args)] if worker_script else module_cmd("worker", *args)
+        procs[name] = Proc(f"worker-{name}", cmd, tmp, env)
     try:
         wait_http(ctl_url + "/health", procs["controller"])
         for name in urls:

@@ -90,10 +90,10 @@ class AsyncLLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """``make_request`` then ``generate_request`` (images are preprocessed on the event loop: servers
-        call ``make_request`` in a worker thread and ``generate_request`` themselves)."""
+        """``make_request`` (``max_tokens`` clamped to the context) then ``generate_request``. Images are
+        preprocessed on the event loop here: servers call ``make_request`` in a worker thread themselves."""
         self._check_alive()
-        req = self.engine.make_request(prompt_token_ids, images, params, request_id)
+        req = self.engine.make_request(prompt_token_ids, images, params, request_id, clamp_max_tokens=True)
         async for out in self.generate_request(req):
             yield out
 

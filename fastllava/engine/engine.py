@@ -176,7 +176,8 @@ class LLMEngine:
         llava-hf image-token runs), check it against the context and the KV cache; returns a ``Request``.
 
         Raises ``RequestTooLargeError`` (``param`` names the field) or ``ValueError``. ``clamp_max_tokens``:
-        lower ``max_tokens`` to the context left after the prompt instead of refusing (LLaVA's workers do).
+        lower ``max_tokens`` to the context left after the prompt instead of refusing (LLaVA's workers do, and
+        ``add_request``/``generate``: the request then ends by length at the end of the context).
         Touches no engine state (safe from a worker thread); ``params`` is copied, never changed.
         """
         params = dataclasses.replace(params) if params is not None else SamplingParams()
@@ -197,9 +198,15 @@ class LLMEngine:
                 f"{self.max_model_len} tokens",
                 param="messages",
             )
-        if clamp_max_tokens and len(ids) + params.max_tokens > self.max_model_len:
+        if len(ids) + params.max_tokens > self.max_model_len:
+            if not clamp_max_tokens:
+                raise RequestTooLargeError(
+                    f"prompt of {len(ids)} tokens (image tokens included) + max_tokens {params.max_tokens} exceed "
+                    f"the model's context of {self.max_model_len} tokens",
+                    param="max_tokens",
+                )
             params.max_tokens = self.max_model_len - len(ids)
-        total = min(len(ids) + params.max_tokens, self.max_model_len)
+        total = len(ids) + params.max_tokens
         bm = self.block_manager
         if bm.blocks_needed(total) > bm.num_blocks:
             raise RequestTooLargeError(
@@ -245,7 +252,7 @@ class LLMEngine:
         params: SamplingParams | None = None,
     ) -> Request:
         """Queue a request; raises ``RequestTooLargeError`` or ``QueueFullError`` (a clear rejection)."""
-        req = self.make_request(prompt_token_ids, images, params, request_id)
+        req = self.make_request(prompt_token_ids, images, params, request_id, clamp_max_tokens=True)
         self.enqueue(req)
         return req
 

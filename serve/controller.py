@@ -48,6 +48,7 @@ from .http_app import (
     check_api_key,
     client_is_loopback,
     install_error_handlers,
+    parse_body,
     request_id_var,
     run_server,
     setup_logging,
@@ -363,7 +364,7 @@ def build_app(ctl: Controller) -> FastAPI:
         try:
             check_api_key(request, ctl.api_keys)
             ctl.check_loop(request)
-            raw = P.parse_json_body(await request.body())
+            raw = await parse_body(request, lambda body: body)
             model = raw.get("model") if isinstance(raw, dict) else None
             params = P.validate_llava(raw, reg.limits(model) if isinstance(model, str) else None)
         except P.APIError as e:
@@ -415,7 +416,7 @@ def build_app(ctl: Controller) -> FastAPI:
     async def chat_completions(request: Request):
         check_api_key(request, ctl.api_keys)
         ctl.check_loop(request)
-        raw = P.parse_json_body(await request.body())
+        raw = await parse_body(request, lambda body: body)  # a large body is parsed off the event loop
         model = raw.get("model") if isinstance(raw, dict) else None
         if model is None and len(reg.models()) == 1:
             model = reg.models()[0]

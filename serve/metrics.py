@@ -31,6 +31,10 @@ class _EngineGauges:
             "fastllava:kv_cache_usage_perc": ("Fraction of KV-cache blocks in use (0-1)", m and m.kv_usage),
             "fastllava:kv_cache_blocks_used": ("KV-cache blocks held by requests", m and m.kv_blocks_used),
             "fastllava:num_requests_in_flight": ("HTTP generation requests being served", self.server.in_flight),
+            "fastllava:image_pixels_in_flight": (
+                "Image pixels being decoded and preprocessed (capped by --max-pixels-in-flight)",
+                self.server.backend.pixels.in_use,
+            ),
         }
         for name, (doc, v) in values.items():
             g = GaugeMetricFamily(name, doc, labels=["model_name"])

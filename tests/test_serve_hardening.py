@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import select
 import socket
 import threading
@@ -241,6 +242,10 @@ def test_pixel_budget_refuses_with_429_and_retry_after(hard):
     _ok_after(hard, "worker")
     r = _post(hard, "worker", "/v1/chat/completions", body, timeout=120)  # alone, the same request fits
     assert r.status_code == 200, r.text[:300]
+    gauge = re.search(
+        r"^fastllava:image_pixels_in_flight\{.*\} (\S+)$", httpx.get(hard["worker"] + "/metrics").text, re.M
+    )
+    assert float(gauge.group(1)) == 0  # every reservation was given back
 
 
 # -------------------------------------------------------------------------------------- registration sanity

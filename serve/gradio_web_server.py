@@ -28,12 +28,21 @@ import httpx
 from PIL import Image
 
 from fastllava.conversation import default_conversation
+from fastllava.data.asking import DEFAULT_MODEL_HINT
 
 from .http_app import setup_logging
 
 logger = setup_logging("fastllava.web")
 MODES = ["Crop", "Resize", "Pad", "Default"]
 NO_MODEL = "No model is being served right now: start a worker (`python -m serve.worker ...`), then press Refresh."
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+
+
+def examples() -> list[list[str]]:
+    """``[image path, question]`` rows of ``serve/examples/examples.json``: questions the default model answers
+    (its ``answer`` fields are what ``tests/test_default_examples.py`` checks the shipped model says)."""
+    rows = json.loads((EXAMPLES_DIR / "examples.json").read_text())
+    return [[str(EXAMPLES_DIR / r["image"]), r["question"]] for r in rows]
 
 
 @dataclass
@@ -233,6 +242,8 @@ def build_demo(web: WebServer) -> gr.Blocks:
                     textbox = gr.Textbox(show_label=False, placeholder="Enter text and press ENTER", elem_id="textbox",
                                          scale=8)  # fmt: skip
                     send = gr.Button("Send", variant="primary", elem_id="send_btn", scale=1)
+                gr.Markdown(DEFAULT_MODEL_HINT + " Click an example to try it.", elem_id="default_model_hint")
+                gr.Examples(examples(), inputs=[image, textbox], label="Examples for the default model")
                 with gr.Row():
                     up = gr.Button("👍 Upvote", elem_id="upvote_btn")
                     down = gr.Button("👎 Downvote", elem_id="downvote_btn")
@@ -272,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     web = WebServer(args)
     demo = build_demo(web)
     logger.info("web UI on http://%s:%d (controller %s)", args.host, args.port, web.controller)
+    allowed = [str(web.log_dir / "images"), str(EXAMPLES_DIR)]  # votes' images; the examples' pictures
     demo.queue(default_concurrency_limit=args.concurrency_count).launch(
-        server_name=args.host, server_port=args.port, allowed_paths=[str(web.log_dir / "images")], show_error=True
+        server_name=args.host, server_port=args.port, allowed_paths=allowed, show_error=True
     )
     return 0
 

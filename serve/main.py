@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return _demo(args)
     if args.command == "serve":
+        if args.model_path is None:  # the embedded default model: say what it can answer
+            from fastllava.data.asking import DEFAULT_MODEL_HINT
+
+            print(DEFAULT_MODEL_HINT, flush=True)
         return launcher.run_stack(args)
     from . import cli
 

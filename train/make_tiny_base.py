@@ -58,17 +58,41 @@ def default_config(image_size: int = 48, patch_size: int = 16) -> LlavaConfig:
     return LlavaConfig(vision=vision, text=text, vision_feature_layer=-1, image_token_index=4)
 
 
+def tokenizer_for_answers(tokenizer):
+    """``</s>`` takes the whitespace before it (``lstrip``), so an answer ends in its last word.
+
+    The templates render an answer as `` {answer} </s>`` (LLaVA's llama_2 / mistral_instruct: a space before
+    ``sep2``). The byte-level BPE makes that space a token of its own ("Ġ"), so a model trained on it learns
+    to say "red", then " ", then stop: every answer ended with a space. With ``lstrip`` the space is part of
+    ``</s>``: training targets end "red", "</s>", and LLaVA's round-length masking still counts the same
+    number of tokens per round (the space token it expects is the ``</s>`` it does not count)."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens(
+        {"eos_token": AddedToken(tokenizer.eos_token, lstrip=True, rstrip=False, special=True, normalized=False)}
+    )
+    return tokenizer
+
+
 def _patch_scenes(n: int, side: int, patch: int, rng: random.Random, processor: ImageProcessor):
     """``n`` scenes (each slot independently empty or holding a random shape) as pixel values, with per-patch
-    labels ``[n, P, 3]``: shape, colour, size indices + 1 (0 = background)."""
+    labels ``[n, P, 3]``: shape, colour, size indices + 1 (0 = background).
+
+    Drawn as the default model's training images are (``synthetic._varied_record``): a fifth on the canonical
+    dark background at 48 px, the rest on any of ``BACKGROUNDS`` at 28-288 px, off the patch grid; the
+    processor resizes them to ``side``."""
     from fastllava.data import synthetic as S
 
     grid = side // patch
     colors = list(S.COLORS)
     images, labels = [], []
     for _ in range(n):
+        canonical = rng.random() < 0.2
+        bg = S.BACKGROUND if canonical else S.BACKGROUNDS[rng.choice(list(S.BACKGROUNDS))]
+        drawn = side if canonical else rng.choice((side, rng.randint(28, 288)))
+        allowed = S.colors_on(bg)
         items = [
-            S.Item(rng.choice(S.SHAPES), rng.choice(colors), rng.choice(S.SIZES), slot)
+            S.Item(rng.choice(S.SHAPES), rng.choice(allowed), rng.choice(S.SIZES), slot)
             for slot in S.SLOTS
             if rng.random() < 0.5
         ]
@@ -78,7 +102,7 @@ def _patch_scenes(n: int, side: int, patch: int, rng: random.Random, processor: 
             lab[int(fy * grid) * grid + int(fx * grid)] = torch.tensor(
                 [S.SHAPES.index(it.shape) + 1, colors.index(it.color) + 1, S.SIZES.index(it.size) + 1]
             )
-        images.append(S.draw_scene(items, side))
+        images.append(S.draw_scene(items, drawn, bg, None if canonical else rng))
         labels.append(lab)
     return processor.preprocess(images, return_tensors="pt")["pixel_values"], torch.stack(labels)
 
@@ -167,7 +191,7 @@ def write_base(
     (clip_dir / "config.json").write_text(
         json.dumps({"architectures": ["CLIPVisionModel"], **_vision_dict(cfg)}, indent=2)
     )
-    build_tokenizer(vocab_size=cfg.text.vocab_size).save_pretrained(str(lm_dir))
+    tokenizer_for_answers(build_tokenizer(vocab_size=cfg.text.vocab_size)).save_pretrained(str(lm_dir))
     processor.save_pretrained(clip_dir)
     return lm_dir, clip_dir
 

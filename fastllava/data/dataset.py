@@ -142,6 +142,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             bool(images),
             system=system,
             mm_use_im_start_end=self.mm_use_im_start_end,
+            keep_image_position=bool(self.records[i].get("keep_image_position", False)),
         )
         n_placeholders = sum(1 for t in tok.input_ids if t == IMAGE_TOKEN_INDEX)
         if n_placeholders != len(images):

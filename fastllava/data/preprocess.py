@@ -82,11 +82,19 @@ def normalize_record(record: dict) -> tuple[list[dict], list[str], str | None]:
     return turns, images, system
 
 
-def preprocess_multimodal(turns: list[dict], template: Conversation, mm_use_im_start_end: bool = False) -> None:
+def preprocess_multimodal(
+    turns: list[dict], template: Conversation, mm_use_im_start_end: bool = False, keep_image_position: bool = False
+) -> None:
     """LLaVA's ``preprocess_multimodal``: move ``<image>`` to the front of its turn (``<image>\\n`` + text),
-    wrap in ``<Image>`` tags for mmtag templates, and in ``<im_start>``/``<im_end>`` when asked. In place."""
+    wrap in ``<Image>`` tags for mmtag templates, and in ``<im_start>``/``<im_end>`` when asked. In place.
+
+    ``keep_image_position`` (a record's ``"keep_image_position": true``, a fastllava extension) leaves the
+    ``<image>`` where the text has it: an OpenAI chat request whose text part comes first is served as
+    ``text\\n<image>``, and a model that should answer it must have been trained on that order."""
     for turn in turns:
-        if DEFAULT_IMAGE_TOKEN in turn["value"]:
+        if DEFAULT_IMAGE_TOKEN in turn["value"] and keep_image_position:
+            turn["value"] = turn["value"].strip()
+        elif DEFAULT_IMAGE_TOKEN in turn["value"]:
             n = turn["value"].count(DEFAULT_IMAGE_TOKEN)
             text = turn["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
             turn["value"] = (DEFAULT_IMAGE_TOKEN + "\n") * n + text
@@ -136,6 +144,12 @@ def _render(turns: list[dict], template: Conversation, system: str | None) -> Co
     return conv
 
 
+def _takes_space_before(tokenizer, token: str) -> bool:
+    """Whether the special ``token`` absorbs the whitespace before it (an ``AddedToken`` with ``lstrip``)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return any(t.content == token and t.lstrip for t in added.values())
+
+
 def _mask_rounds(
     prompt: str, input_ids: list[int], tokenizer, has_image: bool, round_sep: str, answer_sep: str, style: str
 ) -> list[int]:
@@ -144,9 +158,14 @@ def _mask_rounds(
     total_len = sum(1 for t in input_ids if t != tokenizer.pad_token_id)
     cur_len = 1
     target[:cur_len] = [IGNORE_INDEX] * cur_len
+    # LLaVA counts a round's tokens without its ``round_sep`` (the BOS it adds stands in for it). When that
+    # separator takes the space before it (the default model's "</s>", see train/make_tiny_base.py), the space
+    # that ends the round's text is no token of its own in the sample either.
+    trim = _takes_space_before(tokenizer, round_sep)
     for i, rou in enumerate(prompt.split(round_sep)):
         if rou == "":
             break
+        rou = rou.rstrip() if trim else rou
         parts = rou.split(answer_sep)
         if len(parts) != 2:
             break
@@ -201,16 +220,18 @@ def preprocess(
     has_image: bool,
     system: str | None = None,
     mm_use_im_start_end: bool = False,
+    keep_image_position: bool = False,
 ) -> Tokenized:
     """Render, tokenize and mask one conversation as LLaVA's ``preprocess`` does for ``template``.
 
-    ``turns`` are LLaVA turns (``from``/``value``); they are copied, not modified. Raises ``SampleError``
-    for malformed turns, a conversation without any target token, or a tokenization mismatch.
+    ``turns`` are LLaVA turns (``from``/``value``); they are copied, not modified. ``keep_image_position``: see
+    ``preprocess_multimodal``. Raises ``SampleError`` for malformed turns, a conversation without any target
+    token, or a tokenization mismatch.
     """
     conv_t = conv_templates[template] if isinstance(template, str) else template
     turns = [dict(t) for t in turns]
     if has_image:
-        preprocess_multimodal(turns, conv_t, mm_use_im_start_end)
+        preprocess_multimodal(turns, conv_t, mm_use_im_start_end, keep_image_position)
     if not any(t.get("from") == "gpt" and str(t.get("value", "")).strip() for t in turns):
         raise SampleError("no_target", "conversation has no non-empty 'gpt' turn to learn from")
     style = conv_t.sep_style

@@ -37,12 +37,12 @@ from fastllava.engine import (
     EngineDeadError,
     LLMEngine,
     QueueFullError,
+    Request,
     RequestFailedError,
     RequestMetrics,
     RequestTooLargeError,
     SamplingParams,
 )
-from fastllava.engine.request import Request
 from fastllava.mm_utils import get_model_name_from_path, tokenizer_image_token
 
 from . import protocol as P

@@ -254,12 +254,22 @@ def _openai_stream(server: WorkerServer, rid: str, req: P.ChatRequest, first: De
         except P.APIError as e:  # the request (or the engine) failed mid-stream: say so in the stream
             server.metrics.on_error(e.status)
             yield P.sse(e.body())
+        except Exception as e:  # a bug: tell the client, then let LimitsMiddleware log it (once, with the id)
+            server.metrics.on_error(500)
+            yield P.sse(_internal_error(e, rid).body())
+            yield P.SSE_DONE
+            raise
         finally:
             await rest.aclose()
             done()
         yield P.SSE_DONE
 
     return gen()
+
+
+def _internal_error(e: Exception, rid: str) -> P.APIError:
+    return P.APIError(500, f"internal error ({type(e).__name__}) while streaming request {rid}; see the server log",
+                      "server_error")  # fmt: skip
 
 
 async def _first(stream) -> Delta:
@@ -383,6 +393,10 @@ def build_app(server: WorkerServer) -> FastAPI:
                 except P.APIError as e:
                     server.metrics.on_error(e.status)
                     yield P.llava_error_frame(e)
+                except Exception as e:  # a bug: tell the client, then let LimitsMiddleware log it once
+                    server.metrics.on_error(500)
+                    yield P.llava_error_frame(_internal_error(e, rid))
+                    raise
                 finally:
                     await stream.aclose()
 

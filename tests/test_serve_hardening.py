@@ -410,14 +410,14 @@ def test_fuzz_worker_generate_stream(hard, via):
 
 def test_an_unexpected_error_is_one_traceback_with_the_request_id():
     from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
     from fastapi.testclient import TestClient
 
-    from fastllava.serve.http_app import LimitsMiddleware, install_error_handlers
+    from fastllava.serve.http_app import LimitsMiddleware, install_error_handlers, setup_logging
 
     records: list[logging.LogRecord] = []
-    log = logging.getLogger("fastllava.test-unexpected")
-    log.handlers[:] = [type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})()]
-    log.propagate = False
+    log = setup_logging("fastllava.test-unexpected")  # the servers' logger: a request id on every record
+    log.handlers[0].emit = records.append
     app = FastAPI()
     app.add_middleware(LimitsMiddleware, logger=log)
     install_error_handlers(app, log)
@@ -426,8 +426,19 @@ def test_an_unexpected_error_is_one_traceback_with_the_request_id():
     async def boom():
         return {}["missing"]
 
+    @app.post("/boom-mid-stream")
+    async def boom_mid_stream():
+        async def body():
+            yield b"data: first\n\n"
+            raise TypeError("a bug after the response started")
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
     with TestClient(app) as client:  # raise_server_exceptions: anything escaping our middleware would raise here
         r = client.post("/boom", headers={"X-Request-Id": "rid-42"})
-    assert r.status_code == 500 and "rid-42" in r.json()["error"]["message"] and r.headers["x-request-id"] == "rid-42"
-    assert r.json()["error"]["type"] == "server_error"
-    assert len(records) == 1 and records[0].exc_info is not None and "KeyError" in records[0].getMessage()
+        assert r.status_code == 500 and "rid-42" in r.json()["error"]["message"]
+        assert r.headers["x-request-id"] == "rid-42" and r.json()["error"]["type"] == "server_error"
+        assert len(records) == 1 and records[0].exc_info is not None and "KeyError" in records[0].getMessage()
+        r = client.post("/boom-mid-stream", headers={"X-Request-Id": "rid-43"})
+        assert r.status_code == 200 and r.content == b"data: first\n\n"  # the body ends cleanly
+        assert len(records) == 2 and records[1].exc_info[0] is TypeError and records[1].request_id == "rid-43"

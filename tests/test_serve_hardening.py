@@ -279,6 +279,63 @@ def test_registration_sanity(hard):
     _ok_after(hard, "controller")
 
 
+class _Forwarder:
+    """A TCP proxy on a loopback port (0: a free one) to ``target`` (another address of the controller)."""
+
+    def __init__(self, target: tuple[str, int], port: int = 0) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection(self.target)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_an_address_that_leads_back_to_the_controller(hard):
+    ctl, tok = hard["controller"], {"X-Worker-Token": TOKEN}
+    host, port = ctl.removeprefix("http://").split(":")
+    status = {"model_names": ["m-loop"], "speed": 1, "queue_length": 0}
+    proxy = _Forwarder((host, int(port)))
+    try:  # at registration: the controller asks the address for its status and gets its own request back
+        reg = {"worker_name": f"http://127.0.0.1:{proxy.port}", "worker_status": status}
+        r = httpx.post(ctl + "/register_worker", json=reg, headers=tok)
+        assert r.status_code == 400 and "leads back" in r.json()["error"]["message"], r.text
+    finally:
+        proxy.close()
+    # registered while unreachable, then it loops: the first request that comes back drops it
+    free = socket.create_server(("127.0.0.1", 0))
+    loop_port = free.getsockname()[1]
+    free.close()
+    reg = {"worker_name": f"http://127.0.0.1:{loop_port}", "worker_status": status}
+    assert httpx.post(ctl + "/register_worker", json=reg, headers=tok).status_code == 200
+    assert "m-loop" in httpx.post(ctl + "/list_models").json()["models"]
+    proxy = _Forwarder((host, int(port)), loop_port)
+    try:
+        r = _post(hard, "controller", "/v1/chat/completions", {"model": "m-loop", "messages": HI, "max_tokens": 1})
+        assert r.status_code in (404, 503), r.text
+        assert "m-loop" not in httpx.post(ctl + "/list_models").json()["models"]
+    finally:
+        proxy.close()
+    _ok_after(hard, "controller")
+
+
 # -------------------------------------------------------------------------------------------- slow clients
 
 

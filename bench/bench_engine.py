@@ -37,6 +37,7 @@ static batch whose requests all arrive together and decode the same number of to
 from __future__ import annotations
 
 import gc
+import math
 import random
 import statistics
 import time
@@ -78,6 +79,10 @@ class Workload:
     prompts: list[list[int]]
     images: list[list[EngineImage]]
     max_tokens: int
+    lengths: list[int] | None = None  # real traffic: each request's own output length (None: max_tokens each)
+
+    def length(self, i: int) -> int:
+        return self.lengths[i] if self.lengths else self.max_tokens
 
 
 def make_workload(cfg: LlavaConfig, n: int, max_tokens: int, question=(8, 48), system: int = 36, seed: int = 0):
@@ -98,6 +103,16 @@ def make_workload(cfg: LlavaConfig, n: int, max_tokens: int, question=(8, 48), s
             prompts.append(sys_ids + q)
             images.append([])
     return Workload(prompts, images, max_tokens)
+
+
+def real_traffic_workload(cfg: LlavaConfig, n: int, median: int, cap: int, seed: int = 0) -> Workload:
+    """``make_workload``'s prompts with long-tailed output lengths, as chat traffic has: lognormal (sigma 1) with
+    the given median, capped, fixed seed. Every server decodes each request to its own length (EOS off), so a
+    static batch runs until its longest member, as it does in real serving."""
+    w = make_workload(cfg, n, cap, seed=seed)
+    rng = random.Random(seed + 1)
+    w.lengths = [max(1, min(cap, round(rng.lognormvariate(math.log(median), 1.0)))) for _ in range(n)]
+    return w
 
 
 def warmup_workload(cfg: LlavaConfig) -> Workload:
@@ -154,13 +169,13 @@ def run_engine(model, w: Workload, conc: int, engine_cfg: EngineConfig) -> tuple
     eng = LLMEngine(model, config=engine_cfg)
     warm = warmup_workload(model.config)
     eng.generate(warm.prompts, warm.images, SamplingParams(max_tokens=warm.max_tokens))  # allocator, kernels
-    params = SamplingParams(max_tokens=w.max_tokens, temperature=0.0, ignore_eos=True)
     todo, outs, inflight = list(range(len(w.prompts)))[::-1], {}, 0
     t0 = time.perf_counter()
     while todo or eng.has_unfinished_requests():
         while todo and inflight < conc:  # closed loop: a client sends its next request when one finished
             i = todo.pop()
-            eng.add_request(str(i), w.prompts[i], w.images[i], SamplingParams(**vars(params)))
+            params = SamplingParams(max_tokens=w.length(i), temperature=0.0, ignore_eos=True)
+            eng.add_request(str(i), w.prompts[i], w.images[i], params)
             inflight += 1
         for o in eng.step():
             if o.finished:
@@ -198,11 +213,11 @@ def run_batches(
             arrival = finish[i - conc] if i >= conc else t0  # the client's previous request ended then
             ttft.append(steps[0] - arrival)
             itl.append((steps[-1] - steps[0]) / max(len(steps) - 1, 1))
-            outs[i] = new[r]
+            outs[i] = new[r][: w.length(i)]  # a static batch ran to its longest member; the rest is waste
             finish.append(steps[-1])
     wall = time.perf_counter() - t0
     tokens = sum(len(o) for o in outs.values())
-    assert all(len(o) == w.max_tokens for o in outs.values()), f"{name}: EOS must be off (equal output lengths)"
+    assert all(len(o) == w.length(i) for i, o in outs.items()), f"{name}: EOS must be off (set output lengths)"
     return _summary(name, conc, wall, tokens, ttft, itl, len(idx)), [outs[i] for i in idx]
 
 
@@ -223,7 +238,7 @@ def ours_generate(model: LlavaModel) -> BatchGenerate:
             attention_mask=mask.to(dev),
             pixel_values=[im.pixel_values.to(dev, model.dtype) for im in imgs] or None,  # sizes as (H, W)
             image_sizes=[im.size_hw for im in imgs] or None,
-            max_new_tokens=w.max_tokens,
+            max_new_tokens=max(w.length(i) for i in rows),
             eos_token_id=[],
             streamer=streamer,
         ).tolist()
@@ -276,7 +291,7 @@ def hf_generate(hf, cfg: LlavaConfig) -> BatchGenerate:
             input_ids=ids.to(dev),
             attention_mask=mask.to(dev),
             **pix,
-            max_new_tokens=w.max_tokens,
+            max_new_tokens=max(w.length(i) for i in rows),
             do_sample=False,
             pad_token_id=pad,
             streamer=streamer,
@@ -328,16 +343,31 @@ def _measure(
     return recs
 
 
-def _bench(bench_session, model, w_for, engine_cfg, seq_cap: int | None = None, ours_sequential: bool = True) -> None:
+def _bench(
+    bench_session,
+    model,
+    w_for,
+    engine_cfg,
+    seq_cap: int | None = None,
+    ours_sequential: bool = True,
+    ours: bool = True,
+    gates: tuple[Gate, ...] = GATES,
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    workload: str = "fixed_length",
+) -> None:
     """All servers at every concurrency, recorded and gated. ``seq_cap``: the one-at-a-time servers answer only
     the first ``seq_cap`` requests (their tokens/s does not depend on how many; their TTFT is then a lower bound).
-    ``ours_sequential=False`` leaves out ``model.generate`` one at a time (its gate then reports a skip)."""
-    hf, ours = hf_generate(hf_llava(model), model.config), ours_generate(model)
-    gens = {"hf_sequential": hf, "hf_static": hf, "sequential": ours, "static": ours}
-    if not ours_sequential:
-        del gens["sequential"]
+    ``ours_sequential=False`` leaves out ``model.generate`` one at a time (its gate then reports a skip),
+    ``ours=False`` our ``model.generate`` altogether (transformers' are the baselines)."""
+    hf = hf_generate(hf_llava(model), model.config)
+    gens = {"hf_sequential": hf, "hf_static": hf}
+    if ours:
+        gen = ours_generate(model)
+        gens.update(sequential=gen, static=gen)
+        if not ours_sequential:
+            del gens["sequential"]
     rows, failures = [], []
-    for conc in CONCURRENCY:
+    for conc in concurrency:
         w = w_for(conc)
         n_seq = min(len(w.prompts), seq_cap or 10**9)
         # a failed gate is re-measured before it stands (as bench.harness does): a neighbour's burst of load
@@ -348,16 +378,18 @@ def _bench(bench_session, model, w_for, engine_cfg, seq_cap: int | None = None, 
             recs = _measure(model, gens, w, conc, engine_cfg(conc), n_seq)
             eng = recs["engine"]
             ratios = {name: eng["tokens_per_s"] / r["tokens_per_s"] for name, r in recs.items() if name != "engine"}
-            outcomes = check_gates(GATES, ratios, bench_session.kind, f"c{conc}", candidate="engine")
+            outcomes = check_gates(gates, ratios, bench_session.kind, f"c{conc}", candidate="engine")
             failed = [o for o in outcomes if o.status == "fail"]
             if not failed or attempts > bench_session.cfg.retries:
                 break
         eng.update(ratios=ratios, gates=[o.to_json() for o in outcomes], attempts=attempts)
         failures += failed
         for rec in recs.values():
+            rec["workload"] = workload
             bench_session.record(rec)
             rows.append(rec)
-    print(f"\n{'server':>13} {'conc':>4} {'tok/s':>9} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'ITL p50 ms':>11}")
+    print(f"\n{workload}:")
+    print(f"{'server':>13} {'conc':>4} {'tok/s':>9} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'ITL p50 ms':>11}")
     for r in rows:
         itl = f"{r['itl_ms_p50']:11.2f}" if r["itl_ms_p50"] is not None else f"{'-':>11}"
         print(
@@ -382,6 +414,32 @@ def test_engine_throughput_cpu(bench_session):
         model,
         lambda conc: make_workload(model.config, n=max(conc, 8), max_tokens=32, seed=conc),
         lambda conc: EngineConfig(max_num_seqs=conc, num_blocks=2048),
+    )
+
+
+# Real traffic: long-tailed output lengths, so a static batch waits for its longest member (CPU, tiny model).
+REAL_TRAFFIC_GATES = (
+    Gate("hf_static", 1.5, devices=("cpu",), modes=("c32", "c64"), why="no lockstep: short answers leave early"),
+    Gate("hf_sequential", 10.0, devices=("cpu",), modes=("c32", "c64"), why="continuous batching"),
+)
+
+
+def test_engine_real_traffic_cpu(bench_session):
+    if bench_session.is_cuda:
+        pytest.skip("CPU-model benchmark (its records and gates are for the CPU run): pytest bench --bench-device=cpu")
+    torch.manual_seed(0)
+    model = build_tiny_llava(tiny_config("llama"), seed=0, std=0.1).eval()
+    _bench(
+        bench_session,
+        model,
+        # two requests per client: a client's second request waits for its first, in every server
+        lambda conc: real_traffic_workload(model.config, n=2 * conc, median=100, cap=400, seed=conc),
+        lambda conc: EngineConfig(max_num_seqs=conc, num_blocks=4096),
+        seq_cap=8,  # one at a time: the first 8 requests (tokens/s does not depend on how many)
+        ours=False,
+        gates=REAL_TRAFFIC_GATES,
+        concurrency=(32, 64),
+        workload="real_traffic",
     )
 
 
@@ -453,7 +511,7 @@ class NullModel(torch.nn.Module):
         return self.row.expand(hidden.shape[0], -1)
 
 
-def host_ms_per_step(tokens: int, n: int = HOST_REQUESTS) -> dict:
+def host_ms_per_step(tokens: int, n: int = HOST_REQUESTS, device: torch.device | str = "cpu") -> dict:
     """The engine on ``NullModel`` with the shipped default model's config and tokenizer: ``n`` text-only requests
     decoding ``tokens`` tokens each (greedy, EOS ignored, all running at once); mean ms per decode step."""
     from transformers import AutoTokenizer
@@ -464,7 +522,7 @@ def host_ms_per_step(tokens: int, n: int = HOST_REQUESTS) -> dict:
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(str(path))
     cfg = LlavaConfig.from_hf_dict(load_json(path / "config.json"))
-    model = NullModel(cfg, tok(" shapes", add_special_tokens=False).input_ids[0])
+    model = NullModel(cfg, tok(" shapes", add_special_tokens=False).input_ids[0]).to(device)
     ctx = tokens + 64
     eng = LLMEngine(
         model, tok, EngineConfig(max_num_seqs=n, max_model_len=ctx, num_blocks=n * -(-ctx // 16), block_size=16)
@@ -479,4 +537,31 @@ def host_ms_per_step(tokens: int, n: int = HOST_REQUESTS) -> dict:
         eng.step()
         steps += 1
     ms = 1e3 * (time.perf_counter() - t0) / steps
-    return {"kind": "host_overhead", "name": "engine_host", "tokens": tokens, "requests": n, "ms_per_step": ms}
+    return {
+        "kind": "host_overhead",
+        "name": "engine_host",
+        "tokens": tokens,
+        "requests": n,
+        "steps": steps,
+        "ms_per_step": ms,
+    }
+
+
+def test_engine_host_overhead(bench_session):
+    """Host ms per decode step on the null model at 32, 256 and 1024 output tokens, gated flat (see HOST_GATES)."""
+    attempt = 0
+    while True:
+        attempt += 1
+        recs = {t: host_ms_per_step(t, device=bench_session.device) for t in HOST_TOKENS}
+        ms = {t: r["ms_per_step"] for t, r in recs.items()}
+        ratios = {f"tokens_{t}": ms[t] / ms[HOST_TOKENS[-1]] for t in HOST_TOKENS[:-1]}
+        outcomes = check_gates(HOST_GATES, ratios, bench_session.kind, "tokens_1024", candidate="tokens_1024")
+        failed = [o for o in outcomes if o.status == "fail"]
+        if not failed or attempt > bench_session.cfg.retries:
+            break
+    for t, rec in recs.items():
+        if t == HOST_TOKENS[-1]:
+            rec.update(ratios=ratios, gates=[o.to_json() for o in outcomes], attempts=attempt)
+        bench_session.record(rec)
+    print("\nhost ms/step, 64 running requests: " + ", ".join(f"{t} tokens {v:.2f}" for t, v in ms.items()))
+    assert not failed, "\n".join(f"{o.gate}: {o.message}" for o in failed)

@@ -53,29 +53,35 @@ def greedy_answers(model, tokenizer, processor, prompts: list[str], images: list
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 
-def evaluate(model, tokenizer, processor, data_path, image_folder, template: str = "llava_v1", batch_size: int = 64):
-    """Returns (accuracy, per-kind accuracy, n)."""
-    records = json.loads(Path(data_path).read_text())
-    correct, per_kind, total_kind = 0, Counter(), Counter()
+def predict(model, tokenizer, processor, records: list[dict], image_folder, template: str = "llava_v1",
+            batch_size: int = 64, max_new_tokens: int = 4) -> list[str]:  # fmt: skip
+    """Greedy answers to each record's first human turn (rendered by ``template`` as at serving time)."""
     model.eval()
+    preds = []
     for s in range(0, len(records), batch_size):
         chunk = records[s : s + batch_size]
-        prompts, images, answers = [], [], []
+        prompts, images = [], []
         for r in chunk:
             conv = conv_templates[template].copy()
             conv.append_message(conv.roles[0], r["conversations"][0]["value"])
             conv.append_message(conv.roles[1], None)
             prompts.append(conv.get_prompt())
             images.append(load_image(str(Path(image_folder) / r["image"])) if r.get("image") else None)
-            answers.append(r.get("answer") or r["conversations"][-1]["value"])
-        for r, pred, ans in zip(
-            chunk, greedy_answers(model, tokenizer, processor, prompts, images), answers, strict=True
-        ):
-            ok = normalize_answer(pred) == normalize_answer(ans)
-            correct += ok
-            kind = r.get("kind", "all")
-            per_kind[kind] += ok
-            total_kind[kind] += 1
+        preds += greedy_answers(model, tokenizer, processor, prompts, images, max_new_tokens)
+    return preds
+
+
+def evaluate(model, tokenizer, processor, data_path, image_folder, template: str = "llava_v1", batch_size: int = 64):
+    """Returns (accuracy, per-kind accuracy, n)."""
+    records = json.loads(Path(data_path).read_text())
+    preds = predict(model, tokenizer, processor, records, image_folder, template, batch_size)
+    correct, per_kind, total_kind = 0, Counter(), Counter()
+    for r, pred in zip(records, preds, strict=True):
+        ok = normalize_answer(pred) == normalize_answer(r.get("answer") or r["conversations"][-1]["value"])
+        correct += ok
+        kind = r.get("kind", "all")
+        per_kind[kind] += ok
+        total_kind[kind] += 1
     n = len(records)
     return correct / max(n, 1), {k: per_kind[k] / total_kind[k] for k in total_kind}, n
 

@@ -39,10 +39,10 @@ TEMPLATE = "mistral_instruct"
 
 # Every train image carries up to five questions (``turns=5``; one question kind per turn). One optimizer step is
 # one packed micro-batch of <= 1,400 tokens (~11 samples): FULL is ~5,300 steps.
-FULL = {"n_train": 6000, "n_eval": 500, "turns": 5, "epochs": 10, "lr": 1e-3, "budget": 1400, "accum": 1,
-        "tower_steps": 1500}  # fmt: skip
-QUICK = {"n_train": 3000, "n_eval": 200, "turns": 5, "epochs": 4, "lr": 1e-3, "budget": 1400, "accum": 1,
-         "tower_steps": 1000}  # fmt: skip
+FULL = {"n_train": 6000, "n_eval": 500, "n_robust": 1000, "turns": 5, "epochs": 10, "lr": 1e-3, "budget": 1400,
+        "accum": 1, "tower_steps": 1500}  # fmt: skip
+QUICK = {"n_train": 3000, "n_eval": 200, "n_robust": 200, "turns": 5, "epochs": 4, "lr": 1e-3, "budget": 1400,
+         "accum": 1, "tower_steps": 1000}  # fmt: skip
 
 
 def train_command(work: Path, p: dict, extra: list[str] | None = None) -> list[str]:
@@ -75,27 +75,37 @@ def train_command(work: Path, p: dict, extra: list[str] | None = None) -> list[s
     ]  # fmt: skip
 
 
+def score(model_dir: str | Path, data: str | Path) -> dict:
+    """Held-out accuracy of a checkpoint: today's split (``eval.json``: per kind) and the robustness split
+    (``robust.json``: per variant group), both answered by ``train.evaluate``'s greedy decoding."""
+    import torch
+
+    from fastllava.data.synthetic import group_accuracy
+    from fastllava.model.builder import load_pretrained_model
+    from fastllava.train.evaluate import evaluate, predict
+
+    data = Path(data)
+    tok, model, proc, _ = load_pretrained_model(str(model_dir), device="cpu", dtype=torch.float32)
+    acc, kinds, n = evaluate(model, tok, proc, data / "eval.json", data / "images", TEMPLATE)
+    robust = json.loads((data / "robust.json").read_text())
+    groups = group_accuracy(robust, predict(model, tok, proc, robust, data / "images", TEMPLATE))
+    return {"accuracy": acc, "per_kind": kinds, "n": n, "robust_accuracy": groups.pop("all"),
+            "robust_n": len(robust), "robust_groups": groups}  # fmt: skip
+
+
 def run(work: str | Path, quick: bool = False, install: bool = False, extra: list[str] | None = None) -> dict:
-    """Run the recipe in ``work``; returns the evaluation result (accuracy, per-kind accuracy)."""
-    from fastllava.data.synthetic import generate
+    """Run the recipe in ``work``; returns the evaluation result (accuracy, per-kind accuracy, robustness)."""
+    from fastllava.data.synthetic import generate, robustness_split
     from fastllava.train.make_tiny_base import write_base
 
     work = Path(work)
     p = QUICK if quick else FULL
-    generate(work / "data", seed=0, n_train=p["n_train"], n_eval=p["n_eval"], turns=p["turns"])
+    generate(work / "data", seed=0, n_train=p["n_train"], n_eval=p["n_eval"], turns=p["turns"], varied=True)
+    robustness_split(work / "data", seed=0, n=p["n_robust"])
     write_base(work / "base", seed=0, pretrain_steps=p["tower_steps"])
     subprocess.run(train_command(work, p, extra), check=True, cwd=REPO)
-    import torch
-
-    from fastllava.model.builder import load_pretrained_model
-    from fastllava.train.evaluate import evaluate
-
-    tok, model, proc, _ = load_pretrained_model(str(work / "model"), device="cpu", dtype=torch.float32)
-    acc, kinds, n = evaluate(model, tok, proc, work / "data" / "eval.json", work / "data" / "images", TEMPLATE)
     result = {
-        "accuracy": acc,
-        "per_kind": kinds,
-        "n": n,
+        **score(work / "model", work / "data"),
         "seed": 0,
         "recipe": "quick" if quick else "full",
         "command": "python -m train.recipes.default --work DIR" + (" --quick" if quick else "") + " --install",

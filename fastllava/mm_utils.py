@@ -9,7 +9,8 @@ Differences from LLaVA, on purpose:
   convert a LLaVA config.json value with `pinpoints_from_llava` and a llava-hf one with `pinpoints_from_hf`.
 - anyres follows the processor's `convention`: "llava" runs LLaVA's `process_anyres_image`, "hf" runs
   transformers' `LlavaNextImageProcessor` (bit-identical to it).
-- `StopStrings` replaces `KeywordsStoppingCriteria` without transformers' generation classes.
+- `StopStrings` is the stop-string check of our generate loop and engine; `KeywordsStoppingCriteria` (LLaVA's
+  name and call, for `generate(stopping_criteria=[...])` here or in transformers) runs it on each row.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image, ImageColor
 from fastllava.anyres import resize_for_patching_hw, select_best_resolution
 from fastllava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from fastllava.image_io import ImageLoadError, load_image
+from fastllava.image_processing import ImageProcessor
 
 __all__ = [
     "tokenizer_image_token",
@@ -34,7 +36,9 @@ __all__ = [
     "divide_to_patches",
     "process_anyres_image",
     "process_images",
+    "as_image_processor",
     "StopStrings",
+    "KeywordsStoppingCriteria",
 ]
 
 
@@ -128,6 +132,7 @@ def process_anyres_image(image: Image.Image, processor, grid_pinpoints_hw) -> to
     for every resize, RGB conversion composited on white before anything else).
     """
     pinpoints = [tuple(p) for p in grid_pinpoints_hw]
+    processor = as_image_processor(processor)
     if processor.convention == "hf":
         return torch.from_numpy(processor.preprocess_anyres(image, pinpoints))
     if image.mode != "RGB":
@@ -140,12 +145,28 @@ def process_anyres_image(image: Image.Image, processor, grid_pinpoints_hw) -> to
     return torch.stack([torch.from_numpy(processor.preprocess_one(p)) for p in [base, *patches]])
 
 
+def as_image_processor(image_processor) -> ImageProcessor:
+    """Ours as is; a transformers image processor object (`CLIPImageProcessor`, `SiglipImageProcessor`, their
+    Pil/Fast variants, `LlavaNextImageProcessor` ...) as ours with the same settings (`to_dict()`), so it
+    preprocesses bit for bit as transformers does."""
+    if isinstance(image_processor, ImageProcessor):
+        return image_processor
+    if not callable(getattr(image_processor, "to_dict", None)):
+        raise TypeError(
+            f"image_processor must be fastllava's ImageProcessor or a transformers image processor, "
+            f"got {type(image_processor).__name__}"
+        )
+    return ImageProcessor.from_dict(image_processor.to_dict())
+
+
 def process_images(images: Sequence[Image.Image], image_processor, model_config):
     """LLaVA's `process_images`: a (B, ...) tensor when all results share a shape, else a list.
 
+    `image_processor`: ours (what `load_pretrained_model` returns) or a transformers one, as LLaVA users pass.
     `model_config`: anything with `image_aspect_ratio` ("pad", "anyres", else plain) and, for anyres,
     `image_grid_pinpoints` in (H, W) order (falls back to the processor's own pinpoints).
     """
+    image_processor = as_image_processor(image_processor)
     aspect = getattr(model_config, "image_aspect_ratio", None)
     if aspect == "pad":
         background = tuple(int(x * 255) for x in image_processor.image_mean)
@@ -197,3 +218,21 @@ class StopStrings:
     def trim(self, text: str) -> str:
         cuts = [text.find(k) for k in self.keywords if k in text]
         return text[: min(cuts)] if cuts else text
+
+
+class KeywordsStoppingCriteria:
+    """LLaVA's stopping criterion: ``KeywordsStoppingCriteria(keywords, tokenizer, input_ids)``, called by
+    ``generate`` with the prompt + generated ids ``[B, L + n]``; True once *every* row's generated part ends
+    with a keyword's ids or its decoded tail holds a keyword (LLaVA's rule, through `StopStrings`).
+
+    A plain callable, so it goes in ``stopping_criteria=[...]`` of our ``generate`` and of transformers'.
+    """
+
+    def __init__(self, keywords: Sequence[str], tokenizer, input_ids: torch.Tensor):
+        self.keywords = list(keywords)
+        self.tokenizer = tokenizer
+        self.start_len = input_ids.shape[1]
+        self.stops = StopStrings(self.keywords, tokenizer)
+
+    def __call__(self, output_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> bool:
+        return all(self.stops.check(row[self.start_len :].tolist()) for row in output_ids)

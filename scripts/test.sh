@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0                 # the local CPU wheel; must come before anything pulls torch
 python -m pip install -q -e ".[dev]"
+# LLaVA's own code, the oracle of tests/test_llava_*.py; --no-deps: its pins (torch 2.1, transformers 4.37) would
+# replace ours, and its modules import fine without them
+python -m pip install -q --no-deps llava-torch==1.2.2.post1
 if ! command -v chromium >/dev/null; then                # the web-UI test drives Debian's Chromium via Playwright
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi

@@ -82,7 +82,8 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 del self.free[b]
             self.ref_counts[b] += 1
-        table = table + prefix_blocks
+        if prefix_blocks:
+            table = table + prefix_blocks
         for _ in range(max(need, 0)):
             b, _ = self.free.popitem(last=False)
             if self.block_hash[b] is not None:  # evict: this block's old contents are about to be overwritten

@@ -36,6 +36,12 @@ from fastllava.packing import PackedBatch
 IDS, POS, SLOT, CTX = range(4)  # the rows of DecodeGraphs.rows
 
 
+def _block_tables(reqs: list[Request], tables: dict[str, list[int]]) -> torch.Tensor:
+    rows = [tables[r.request_id] for r in reqs]
+    width = max(len(t) for t in rows)
+    return torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.int32)  # (B, width)
+
+
 def decode_buckets(max_batch: int) -> list[int]:
     """Batch sizes with a graph: 1, 2, 4, the multiples of 8 below ``max_batch``, and ``max_batch``."""
     if max_batch < 1:
@@ -52,13 +58,17 @@ class DecodeGraphs:
         max_batch: int,
         max_model_len: int,
         capture: bool,
+        block_tables: Callable[[list[Request], dict[str, list[int]]], torch.Tensor] | None = None,
     ) -> None:
+        """``block_tables(reqs, tables)``: the batch's block tables ``(B, width)`` int32 (the runner's
+        ``BlockTables``, which keeps rows between steps); by default built from the lists."""
         if capture and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {model.device}")
         if not 0 <= scratch_block < kv.num_blocks:
             raise ValueError(f"scratch block {scratch_block} is not in the cache's {kv.num_blocks} blocks")
         self.model = model
         self.kv = kv
+        self.block_tables_of = block_tables or _block_tables
         self.buckets = decode_buckets(max_batch)
         self.max_batch = max_batch
         self.block_size = kv.block_size
@@ -131,7 +141,8 @@ class DecodeGraphs:
         if B > self.max_batch:
             return None
         block_tables = [tables[r.request_id] for r in reqs]
-        if max(len(t) for t in block_tables) > self.max_blocks:  # cannot happen within max_model_len
+        width = max(len(t) for t in block_tables)
+        if width > self.max_blocks:  # cannot happen within max_model_len
             return None
         self._turn ^= 1
         self._host_rows, self._host_tables = self._staging[self._turn]
@@ -143,9 +154,8 @@ class DecodeGraphs:
         ctx = [p + 1 for p in pos]
         self._host_rows[:, :B] = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
         ht = self._host_tables
-        ht[:B] = 0
-        for b, t in enumerate(block_tables):
-            ht[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        ht[:B, :width] = self.block_tables_of(reqs, tables)
+        ht[:B, width:] = 0
         self._pad(B, n)
         self.rows.copy_(self._host_rows, non_blocking=True)  # (4, max_batch): a few KiB, whole
         self.block_tables[:n].copy_(ht[:n], non_blocking=True)

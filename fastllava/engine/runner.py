@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from fastllava.engine.decode_graphs import DecodeGraphs
 from fastllava.engine.encoder_cache import EncoderCache
@@ -29,6 +30,29 @@ from fastllava.model.language import AttnMetadata, KVCache
 from fastllava.packing import PackedBatch, image_feature_index, image_tiles
 
 log = logging.getLogger(__name__)
+
+
+class BlockTables:
+    """Decode block tables ``(B, width)`` int32 on the host, without an O(context) Python loop per row per step.
+
+    Each running request's row is kept as a tensor and rebuilt only when its table grew (once per block of
+    tokens); a step stacks the rows (one C++ call).
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[list[int], torch.Tensor]] = {}
+
+    def __call__(self, reqs: list[Request], tables: dict[str, list[int]]) -> torch.Tensor:
+        rows: dict[str, tuple[list[int], torch.Tensor]] = {}
+        for r in reqs:
+            table = tables[r.request_id]
+            row = self._rows.get(r.request_id)
+            # the block manager appends to a request's table in place; a new list means a new admission
+            if row is None or row[0] is not table or row[1].numel() != len(table):
+                row = (table, torch.tensor(table, dtype=torch.int32))
+            rows[r.request_id] = row
+        self._rows = rows  # only this step's requests: finished ones are dropped
+        return pad_sequence([rows[r.request_id][1] for r in reqs], batch_first=True)
 
 
 @dataclass
@@ -68,6 +92,7 @@ class ModelRunner:
         self.vision_batches = 0
         self._feature_index: dict[tuple[int, int], torch.Tensor] = {}
         self.sampler = BatchSampler(self.device)
+        self.block_tables = BlockTables()
         self.overlap = False  # set by the engine: input ids may hold placeholders for the last launch's ids
         self._prev_sampled: torch.Tensor | None = None  # the last launch's sampled ids (device), for placeholders
         self.decode_graphs: DecodeGraphs | None = None
@@ -80,6 +105,7 @@ class ModelRunner:
                     max_batch=decode_max_batch,
                     max_model_len=max_model_len or self.cfg.text.max_position_embeddings,
                     capture=capture_graphs,
+                    block_tables=self.block_tables,
                 )
                 self.decode_graphs.fill_ids = self._fill_placeholders
             except RuntimeError as exc:
@@ -247,12 +273,10 @@ class ModelRunner:
         """The decode forward at the batch's own size; returns hidden ``[B, D]``."""
         bs = self.block_size
         B = len(reqs)
-        width = max(len(tables[r.request_id]) for r in reqs)
-        block_tables = torch.zeros(B, width, dtype=torch.int32)
+        block_tables = self.block_tables(reqs, tables)  # (B, width)
         ids, pos, slots = [], [], []
-        for b, r in enumerate(reqs):
+        for r in reqs:
             table = tables[r.request_id]
-            block_tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
             p = r.num_computed_tokens
             ids.append(r.token_ids(p, p + 1)[0])
             pos.append(p)

@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="answer one question about a generated image with the default model")
     demo.add_argument("--model-path", default=None)
     demo.add_argument("--seed", type=int, default=0)
-    chat = sub.add_parser("chat", help="interactive chat (arguments as `python -m serve.cli`)")
-    chat.add_argument("rest", nargs=argparse.REMAINDER)
+    # chat's options are serve.cli's: passed through as they are (argparse.REMAINDER rejected a leading option)
+    sub.add_parser("chat", help="interactive chat (arguments as `python -m serve.cli`)", add_help=False)
     from . import launcher
 
     launcher.add_arguments(sub.add_parser("serve", help="controller + worker + web UI on the default model"))
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if rest and args.command != "chat":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":
         return _demo(args)
     if args.command == "serve":
@@ -70,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         return launcher.run_stack(args)
     from . import cli
 
-    rest = list(args.rest)
     if "--model-path" not in rest:
         rest = ["--model-path", str(default_model_dir()), *rest]
     return cli.main(rest)

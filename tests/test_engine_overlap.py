@@ -11,6 +11,7 @@ preemption under a tiny KV cache and the static-buffer (CUDA-graph-shaped) decod
 from __future__ import annotations
 
 import pytest
+import torch
 from test_engine import GREEDY, _assert_clean, _model, _requests  # the engine tests' models and requests
 
 from fastllava.engine import EngineConfig, LLMEngine, SamplingParams
@@ -154,3 +155,15 @@ def test_length_capped_requests_are_not_rescheduled(anyres_model, tokenizer):
     _, eng_s = _run(anyres_model, tokenizer, reqs, overlap=False)
     _, eng_o = _run(anyres_model, tokenizer, reqs, overlap=True)
     assert eng_o.num_steps == eng_s.num_steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlapped_equals_synchronous_cuda(tokenizer):
+    """The real overlap: pinned copies and events, placeholders filled into the CUDA graphs' static inputs."""
+    m = _model("llama", anyres=True).to("cuda")
+    reqs = _mixed(m.config, tokenizer, m, 24, seed=16)
+    sync, _ = _run(m, tokenizer, reqs, overlap=False)
+    over, eng = _run(m, tokenizer, reqs, overlap=True)
+    assert eng.runner.decode_graphs is not None and eng.runner.decode_graphs.num_replays > 0
+    assert over == sync

@@ -2,21 +2,20 @@
 
     python -m eval.embedded                                  # the embedded default model, through the engine
     python -m eval.embedded --model-path DIR --out results/embedded
-    python -m eval.embedded --server-url http://localhost:8000     # a running OpenAI-compatible server (/v1 optional)
+    python -m eval.embedded --server-url http://localhost:8000      # an OpenAI-compatible server (/v1 optional)
 
-Two splits of ``fastllava.data.synthetic`` (generated once into ``--data-dir``, the same images and questions the
-recipe scores):
+* today's split: ``fastllava.data.synthetic``'s ``eval.json`` for ``--seed`` / ``--n-eval`` (generated once into
+  ``--data-dir``, the same images and questions the recipe scores), turned into LLaVA's question jsonl and
+  answered by ``eval.model_vqa`` (greedy): the canonical question, image first, " Answer with a single word.",
+  48 px scenes on the dark background; scored per question kind;
+* the robustness split: ``robust.json`` for ``--seed`` / ``--n-robust`` (``synthetic.robustness_split``): the
+  ways people ask -- paraphrases x order (the image before or after the text) x suffix x background x image
+  size; answered by the same engine (``eval.runner.EngineBackend``) or server, the image placed before or after
+  the text as the split says; scored per variant group.
 
-* ``heldout``: today's split, ``eval.json`` for ``--seed`` / ``--n-eval``: the canonical question, image first,
-  " Answer with a single word.", 48 px scenes on the dark background (per question kind);
-* ``robust``: ``robust.json`` for ``--seed`` / ``--n-robust``: the ways people ask -- paraphrases x order (the
-  image before or after the text) x suffix x background x image size (per variant group).
-
-Questions are answered greedily, locally by the continuous-batching engine (``eval.runner.EngineBackend``, the
-prompt rendered by the model's template as the worker does) or by the server's ``/v1/chat/completions`` (the
-image part placed before or after the text part as the split says). An answer is right when its first word,
-lower-cased and without punctuation, is the true answer (``synthetic.normalize_answer``, as ``train.evaluate``
-scores). Writes ``{split}_answers.jsonl``, ``metrics.json`` and ``summary.md`` under ``--out``.
+An answer is right when its first word, lower-cased and without punctuation, is the true answer
+(``synthetic.normalize_answer``, as ``train.evaluate`` scores). Writes ``answers.jsonl`` (today's split),
+``robust_answers.jsonl``, ``metrics.json`` and ``summary.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,22 +31,30 @@ from pathlib import Path
 from fastllava.constants import DEFAULT_IMAGE_TOKEN
 from fastllava.conversation import conv_templates
 
-from .answers import AnswerWriter
+from .answers import AnswerWriter, read_jsonl
 from .questions import Question
 from .runner import EngineBackend, GenParams, Prompter, ServerBackend, _image_url, answer_all
 from .summary import to_markdown
 
-SPLITS = ("heldout", "robust")
-
 
 def held_out_split(data_dir: str | Path, seed: int = 0, n_eval: int = 500) -> Path:
-    """Today's split as a JSON list of LLaVA records (``eval.json``, generated on first use); returns its path."""
+    """LLaVA question jsonl of the synthetic eval split (generated on first use); returns its path."""
     from fastllava.data.synthetic import generate
 
-    path = Path(data_dir) / "eval.json"
-    if not path.is_file():
-        generate(data_dir, seed=seed, n_train=0, n_eval=n_eval)
-    return path
+    data_dir = Path(data_dir)
+    questions = data_dir / "llava_questions.jsonl"
+    if questions.is_file():
+        return questions
+    _, eval_json = generate(data_dir, seed=seed, n_train=0, n_eval=n_eval)
+    records = json.loads(Path(eval_json).read_text())
+    tmp = questions.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            text = r["conversations"][0]["value"].replace("<image>", "").strip()
+            row = {"question_id": r["id"], "image": r["image"], "text": text, "answer": r["answer"], "kind": r["kind"]}
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(questions)
+    return questions
 
 
 def robust_split(data_dir: str | Path, seed: int = 0, n_robust: int = 1000) -> Path:
@@ -54,7 +62,9 @@ def robust_split(data_dir: str | Path, seed: int = 0, n_robust: int = 1000) -> P
     from fastllava.data.synthetic import robustness_split
 
     path = Path(data_dir) / "robust.json"
-    return path if path.is_file() else robustness_split(data_dir, seed=seed, n=n_robust)
+    if path.is_file() and len(json.loads(path.read_text())) == n_robust:
+        return path
+    return robustness_split(data_dir, seed=seed, n=n_robust)
 
 
 def split_questions(records_file: str | Path, image_folder: str | Path) -> list[Question]:
@@ -121,36 +131,46 @@ def openai_base_url(server_url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
-def make_backend(model_path: str | None, server_url: str | None, conv_mode: str | None, batch_size: int | None):
-    """(backend, model name): the server's client, or the local model behind the engine."""
-    if server_url:
-        backend = PlacedServerBackend(openai_base_url(server_url), concurrency=batch_size or 16)
-        return backend, backend.resolve_model()
-    import torch
-
-    from fastllava.conversation import guess_conv_mode
-    from fastllava.default_model import default_model_path
-    from fastllava.mm_utils import get_model_name_from_path
-    from fastllava.model.builder import load_pretrained_model
-
-    model_path = str(model_path or default_model_path())
-    name = get_model_name_from_path(model_path)
-    tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu", dtype=torch.float32)
-    # None: LLaVA's guess from the folder name, as the worker makes it (the default model's name picks the
-    # template it was trained with)
-    conv_mode = conv_mode or guess_conv_mode(name)
-    return PlacedEngineBackend(model, tokenizer, processor, conv_mode, batch_size=batch_size or 16), name
-
-
-def score(questions: list[Question], answers: dict) -> dict:
-    """Exact-match accuracy (%) overall and per question kind / variant group; unanswered counts as wrong."""
+def run_robust(backend, questions_file: Path, image_folder: Path, answers_file: Path, model_name: str,
+               max_new_tokens: int = 8) -> dict:  # fmt: skip
+    """Answer the robustness split with ``backend`` (a placed engine or server backend); returns its metrics."""
     from fastllava.data.synthetic import ROBUST_GROUPS, group_accuracy
 
-    records = [{"answer": q.extra["answer"], **q.extra} for q in questions]
-    keys = tuple(k for k in ROBUST_GROUPS if any(k in r for r in records))  # today's split: kind (and order)
-    acc = group_accuracy(records, [answers.get(i, "") for i in range(len(questions))], keys)
+    questions = split_questions(questions_file, image_folder)
+    answers_file.unlink(missing_ok=True)
+    texts: dict[int, str] = {}
+    start = time.perf_counter()
+    with AnswerWriter(answers_file) as writer:
+        for i, text, _ in answer_all(questions, backend, GenParams(temperature=0, max_new_tokens=max_new_tokens)):
+            texts[i], q = text, questions[i]
+            writer.write(
+                {"question_id": q.question_id, "prompt": q.text, "text": text, "model_id": model_name} | q.extra
+            )
+    records = [q.extra for q in questions]
+    acc = group_accuracy(records, [texts.get(i, "") for i in range(len(questions))], ROBUST_GROUPS)
     groups = {g: 100.0 * v for g, v in acc.items()}
-    return {"samples": len(questions), "accuracy": groups.pop("all"), "groups": groups}
+    return {"samples": len(questions), "accuracy": groups.pop("all"), "groups": groups,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def score_embedded(question_file: str | Path, answers_file: str | Path) -> dict:
+    """Exact-match accuracy (%) overall and per question kind; unanswered questions count as wrong."""
+    from fastllava.data.synthetic import normalize_answer
+
+    answers = {json.dumps(a["question_id"]): a["text"] for a in read_jsonl(answers_file)}
+    right, total = Counter(), Counter()
+    for q in read_jsonl(question_file):
+        ok = normalize_answer(answers.get(json.dumps(q["question_id"]), "")) == normalize_answer(q["answer"])
+        for k in ("all", q.get("kind", "all")):
+            right[k] += ok
+            total[k] += 1
+    n = total["all"]
+    return {
+        "benchmark": "embedded",
+        "samples": n,
+        "accuracy": 100.0 * right["all"] / n if n else 0.0,
+        "per_kind": {k: 100.0 * right[k] / total[k] for k in sorted(total) if k != "all"},
+    }
 
 
 def run_embedded(
@@ -160,36 +180,74 @@ def run_embedded(
     data_dir: str | Path | None = None,
     seed: int = 0,
     n_eval: int = 500,
-    n_robust: int = 1000,
     conv_mode: str | None = None,
     batch_size: int | None = None,
     max_new_tokens: int = 8,
-    splits: tuple[str, ...] = SPLITS,
+    extra_args: list[str] | None = None,
+    resume: bool = False,
+    n_robust: int = 0,
 ) -> dict:
-    """Answer and score the splits; returns ``{split: metrics}`` (also written to ``out/metrics.json``)."""
-    from fastllava.default_model import cache_dir
+    """Answer and score today's split and, with ``n_robust`` > 0 (the command's default: 1,000), the robustness
+    split; returns the metrics, the robustness split's under ``"robust"`` (also written to ``out/metrics.json``).
 
-    data_dir = Path(data_dir) if data_dir else cache_dir() / f"shapes-heldout-seed{seed}-n{n_eval}-r{n_robust}"
-    files = {"heldout": held_out_split(data_dir, seed, n_eval), "robust": robust_split(data_dir, seed, n_robust)}
-    backend, name = make_backend(model_path, server_url, conv_mode, batch_size)
+    ``conv_mode`` None: LLaVA's guess from the model's folder name, as the worker makes it (the default model's
+    name picks the template it was trained with). A server applies its own template to the chat requests, so
+    ``conv_mode`` does not change what it is asked. ``server_url``: ``http://HOST:PORT``, ``/v1`` optional.
+    """
+    from fastllava.conversation import guess_conv_mode
+    from fastllava.default_model import cache_dir, default_model_path
+    from fastllava.mm_utils import get_model_name_from_path
+
+    from .model_vqa import build_parser, run
+
+    data_dir = Path(data_dir) if data_dir else cache_dir() / f"shapes-heldout-seed{seed}-n{n_eval}"
+    questions = held_out_split(data_dir, seed, n_eval)
     out = Path(out)
-    metrics = {}
-    for split in splits:
-        questions = split_questions(files[split], data_dir / "images")
-        answers_file = out / f"{split}_answers.jsonl"
-        answers_file.unlink(missing_ok=True)
-        answers = {}
-        start = time.perf_counter()
-        with AnswerWriter(answers_file) as writer:
-            for i, text, _ in answer_all(questions, backend, GenParams(temperature=0, max_new_tokens=max_new_tokens)):
-                answers[i], q = text, questions[i]
-                writer.write({"question_id": q.question_id, "prompt": q.text, "text": text, "model_id": name} | q.extra)
-        metrics[split] = score(questions, answers) | {"seconds": time.perf_counter() - start}
-    metrics["model"] = server_url or name
+    if not server_url:
+        model_path = str(model_path or default_model_path())
+    conv_mode = conv_mode or ("llava_v1" if server_url else guess_conv_mode(get_model_name_from_path(model_path)))
+    argv = ["--question-file", str(questions), "--image-folder", str(data_dir / "images")]
+    argv += ["--answers-file", str(out / "answers.jsonl"), "--conv-mode", conv_mode, "--temperature", "0"]
+    argv += ["--max_new_tokens", str(max_new_tokens)] + ([] if resume else ["--overwrite"])
+    if server_url:
+        server_url = openai_base_url(server_url)
+        argv += ["--server-url", server_url]
+    else:
+        argv += ["--model-path", model_path]
+    if batch_size:
+        argv += ["--batch-size", str(batch_size)]
+    args = build_parser().parse_args(argv + list(extra_args or []))
+    start = time.perf_counter()
+    answers = run(args)
+    seconds = time.perf_counter() - start
+    metrics = score_embedded(questions, answers)
+    metrics.update({"model": server_url or str(args.model_path), "seconds": seconds})
+    row = {"Embedded": metrics["accuracy"], **{f"{k}": v for k, v in metrics["per_kind"].items()}}
+    if n_robust:
+        backend, name = make_backend(args.model_path, server_url, conv_mode, batch_size)
+        robust = robust_split(data_dir, seed, n_robust)
+        metrics["robust"] = run_robust(backend, robust, data_dir / "images", out / "robust_answers.jsonl", name,
+                                       max_new_tokens)  # fmt: skip
+        row["Robust"] = metrics["robust"]["accuracy"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    rows = {f"{name} {s}": {"accuracy": m["accuracy"], **m["groups"]} for s, m in metrics.items() if s in splits}
-    (out / "summary.md").write_text(to_markdown(rows))
+    (out / "summary.md").write_text(to_markdown({Path(metrics["model"]).name or metrics["model"]: row}))
     return metrics
+
+
+def make_backend(model_path: str | None, server_url: str | None, conv_mode: str, batch_size: int | None):
+    """(backend, model name) for the robustness split: the server's client, or the local model behind the
+    engine (loaded as the worker loads it)."""
+    if server_url:
+        backend = PlacedServerBackend(openai_base_url(server_url), concurrency=batch_size or 16)
+        return backend, backend.resolve_model()
+    import torch
+
+    from fastllava.mm_utils import get_model_name_from_path
+    from fastllava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu", dtype=torch.float32)
+    backend = PlacedEngineBackend(model, tokenizer, processor, conv_mode, batch_size=batch_size or 16)
+    return backend, get_model_name_from_path(model_path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,20 +256,23 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--model-path", default=None, help="default: the embedded default model")
     src.add_argument("--server-url", default=None, help="an OpenAI-compatible server: http://host:8000 (or .../v1)")
     p.add_argument("--out", default="results/embedded")
-    p.add_argument("--data-dir", default=None, help="where the splits are generated (default: the fastllava cache)")
+    p.add_argument("--data-dir", default=None, help="where the split is generated (default: the fastllava cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-eval", type=int, default=500)
-    p.add_argument("--n-robust", type=int, default=1000)
-    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    p.add_argument("--n-robust", type=int, default=1000, help="questions of the robustness split (0: skip it)")
     p.add_argument("--conv-mode", default=None, help="default: guessed from the model's name, as LLaVA does")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=8)
-    a = p.parse_args(argv)
+    p.add_argument("--resume", action="store_true", help="keep the answers already in --out (same model only)")
+    a, rest = p.parse_known_args(argv)
     m = run_embedded(
-        a.model_path, a.server_url, a.out, a.data_dir, a.seed, a.n_eval, a.n_robust, a.conv_mode, a.batch_size,
-        a.max_new_tokens, tuple(a.splits),
+        a.model_path, a.server_url, a.out, a.data_dir, a.seed, a.n_eval, a.conv_mode, a.batch_size,
+        a.max_new_tokens, rest, a.resume, a.n_robust,
     )  # fmt: skip
-    print(json.dumps({s: {k: m[s][k] for k in ("samples", "accuracy", "seconds")} for s in a.splits}, indent=1))
+    shown = {k: m[k] for k in ("samples", "accuracy", "per_kind", "seconds")}
+    if "robust" in m:
+        shown["robust"] = {k: m["robust"][k] for k in ("samples", "accuracy", "groups", "seconds")}
+    print(json.dumps(shown, indent=1))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,11 @@ setup(
     packages=find_packages(include=["fastllava", "fastllava.*"])
     + [f"fastllava.{p}{'.' + sub if sub else ''}" for p in SUBPACKAGES for sub in ["", *find_packages(where=p)]],
     package_dir={"fastllava": "fastllava", **{f"fastllava.{p}": p for p in SUBPACKAGES}},
-    package_data={"fastllava.csrc": ["*.cu", "*.cpp", "*.h"], "fastllava": ["assets/**/*"]},
+    package_data={
+        "fastllava.csrc": ["*.cu", "*.cpp", "*.h"],
+        "fastllava": ["assets/**/*"],
+        "fastllava.serve": ["examples/*"],  # the web UI's examples
+    },
     include_package_data=True,
     install_requires=[
         "torch>=2.5",

@@ -20,8 +20,13 @@ first human turn), PNG images beside it. Train samples carry several questions a
 more supervision per image forward); eval samples carry one question each, an ``answer`` and a ``kind``
 (the kinds take turns, so the eval split is balanced). Everything is a function of the seed.
 
-    python -m fastllava.data.synthetic --out /tmp/shapes --seed 0 --n-train 4000 --n-eval 500
-    # -> /tmp/shapes/{train.json, eval.json, images/*.png}
+    python -m fastllava.data.synthetic --out /tmp/shapes --seed 0 --n-train 4000 --n-eval 500 [--varied --n-robust 1000]
+    # -> /tmp/shapes/{train.json, eval.json, [robust.json,] images/*.png}
+
+``--varied`` (the default model's recipe) asks the train split the ways people ask (``fastllava.data.asking``:
+paraphrases, the image before or after the text, with or without the one-word instruction, any case and
+punctuation, off-topic questions and text-only chats answered with one fixed reply) on any of ``BACKGROUNDS``
+at 28-288 px, drawn off the patch grid; ``robustness_split`` is the held-out split that measures it.
 """
 
 from __future__ import annotations
@@ -322,9 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--side", type=int, default=48, help="image side in pixels")
     p.add_argument("--turns", type=int, default=3, help="questions per train image")
+    p.add_argument("--varied", action="store_true", help="train split asked the ways people ask (data.asking)")
+    p.add_argument("--n-robust", type=int, default=0, help="also write robust.json: the robustness split")
     a = p.parse_args(argv)
-    train, evalp = generate(a.out, a.seed, a.n_train, a.n_eval, a.side, a.turns)
+    train, evalp = generate(a.out, a.seed, a.n_train, a.n_eval, a.side, a.turns, a.varied)
     print(f"wrote {train} and {evalp}")
+    if a.n_robust:
+        print(f"wrote {robustness_split(a.out, a.seed, a.n_robust)}")
 
 
 if __name__ == "__main__":

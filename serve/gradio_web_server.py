@@ -29,6 +29,7 @@ from PIL import Image
 
 from fastllava.conversation import default_conversation
 from fastllava.data.asking import DEFAULT_MODEL_HINT
+from fastllava.utils import moderation_msg, violates_moderation
 
 from .http_app import setup_logging
 
@@ -64,6 +65,7 @@ class WebServer:
         # conversations live here, keyed by an id held in the page's gr.State (gradio copies state values)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.max_sessions = 10_000
+        self.moderate = getattr(args, "moderate", False)
 
     def session(self, sid: str | None) -> Session:
         """The conversation with id ``sid`` (a new one if unknown); least recently used ones are dropped."""
@@ -121,6 +123,8 @@ class WebServer:
         text = (text or "").strip()
         if not text and image is None:
             return session.id, session.display, text, image
+        if self.moderate and text and violates_moderation(text):  # LLaVA's --moderate: the turn is not added
+            return session.id, session.display, moderation_msg, None
         content, shown = [], []
         if image is not None:
             sha, path = self.store_image(image, mode)
@@ -275,6 +279,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None, help="bearer key for the controller's /v1, if it needs one")
     p.add_argument("--concurrency-count", type=int, default=16)
     p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--moderate",
+        action="store_true",
+        help="check each message with an OpenAI-compatible /moderations endpoint ($OPENAI_BASE_URL, $OPENAI_API_KEY)",
+    )
     return p.parse_args(argv)
 
 

@@ -32,6 +32,15 @@ twice on CPU before a failure stands): the issue's targets at 64 concurrent, >= 
 static batch whose requests all arrive together and decode the same number of tokens keeps up with the engine)
 >= 2 x ``hf_sequential`` and >= 1 x ``sequential`` at 8 concurrent and above, and >= 0.5 x ``hf_static`` at 64
 (a floor against gross regressions of the engine's per-step cost).
+
+Real traffic (``test_engine_real_traffic_cpu``): the same servers (transformers' only) on output lengths drawn
+from a lognormal (median 100 tokens, sigma 1, cap 400, fixed seed; per-request ``max_tokens``, EOS off), two
+requests per client at 32 and 64 clients, so a static batch waits for its longest member as in real serving.
+CPU gates: engine >= 1.5 x ``hf_static`` and >= 10 x ``hf_sequential`` at both.
+
+Host overhead (``test_engine_host_overhead``): the engine on ``NullModel`` (zero-cost forward, one fixed logits
+row) with the shipped default model's config and tokenizer, 64 running requests, median host ms per decode step
+at 32, 256 and 1024 output tokens; gate: 1024 <= 1.3 x 32 (host work per token must not grow with the answer).
 """
 
 from __future__ import annotations

@@ -119,30 +119,41 @@ async def _collect(engine: AsyncLLMEngine, req) -> tuple[str, BaseException | No
     return text, None
 
 
-def _fault_on(eng: LLMEngine, bad: str, error: Exception):
-    """Make the runner raise on every step that runs request ``bad`` (a fault no admission check foresaw)."""
-    launch = eng.runner.launch
+def _fault_on(eng: LLMEngine, bad: str, error: Exception, where: str):
+    """Make the runner raise on every step that runs request ``bad`` (a fault no admission check foresaw), when it
+    launches the step or when it collects its sampled ids (the overlapped engine does that one call later)."""
+    launch, collect = eng.runner.launch, eng.runner.collect
 
-    def faulty(out, tables):
+    def faulty_launch(out, tables):
         if any(r.request_id == bad for r in [c.request for c in out.prefills] + out.decodes):
             raise error
         return launch(out, tables)
 
-    eng.runner.launch = faulty
+    def faulty_collect(handle):
+        if any(r.request_id == bad for r in handle.requests):
+            raise error
+        return collect(handle)
+
+    if where == "launch":
+        eng.runner.launch = faulty_launch
+    else:
+        eng.runner.collect = faulty_collect
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_failed_request_fails_alone_and_the_next_is_answered(model, tokenizer, overlap):
+@pytest.mark.parametrize("overlap,where", [(False, "launch"), (True, "launch"), (True, "collect")])
+def test_failed_request_fails_alone_and_the_next_is_answered(model, tokenizer, overlap, where):
     eng = LLMEngine(model, tokenizer, EngineConfig(overlap_scheduling=overlap))
     expected = eng.generate([PROMPT], params=SamplingParams(max_tokens=12, **GREEDY))[0].text
     dead = []
     engine = AsyncLLMEngine(eng, on_dead=dead.append)
-    _fault_on(eng, "bad", IndexError("index 7 is out of bounds"))
+    _fault_on(eng, "bad", IndexError("index 7 is out of bounds"), where)
 
     async def main():
         sp = SamplingParams(max_tokens=12, **GREEDY)
         # 1. a step that raises fails the request it ran; the engine goes on
-        text, err = await _collect(engine, eng.make_request(PROMPT, params=sp, request_id="bad"))
+        # (one token: in the overlapped engine it is collected in a step that does not run it any more)
+        one = SamplingParams(max_tokens=1, **GREEDY)
+        text, err = await _collect(engine, eng.make_request(PROMPT, params=one, request_id="bad"))
         assert isinstance(err, RequestFailedError) and err.request_id == "bad" and "out of bounds" in str(err)
         assert engine.is_healthy and engine.dead_error is None
         assert (await _collect(engine, eng.make_request(PROMPT, params=sp, request_id="next"))) == (expected, None)

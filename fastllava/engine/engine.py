@@ -146,6 +146,7 @@ class LLMEngine:
         self.runner.overlap = self.overlap
         self._inflight: _Launched | None = None  # the overlapped engine's launched, not yet collected step
         self._current: SchedulerOutput | None = None  # the step being run (failure attribution)
+        self._collecting: _Launched | None = None  # the overlapped engine's step being collected (the same)
         self._ids = itertools.count()
         self.num_steps = self.num_generated = self.num_prefill_tokens = 0
         self.num_finished = self.num_aborted = self.num_rejected = self.num_failed = 0
@@ -314,6 +315,7 @@ class LLMEngine:
                 r.output_token_ids.append(-1 - i)
             launched = _Launched(out, handle, slots)
         prev, self._inflight = self._inflight, launched
+        self._collecting = prev
         outputs = []
         if prev is not None:
             sampled = self.runner.collect(prev.handle)
@@ -326,7 +328,7 @@ class LLMEngine:
                 outputs.append(self._process(req, token, slot + 1, now))
         if launched is not None:
             self.scheduler.cache_blocks(launched.out)  # every computed token id is known now
-        self._current = None
+        self._current = self._collecting = None
         return outputs
 
     def _schedule(self) -> SchedulerOutput:
@@ -353,15 +355,16 @@ class LLMEngine:
     def fail_step(self) -> list[str]:
         """After ``step`` raised: fail (free) the requests of the failed step, and of the overlapped engine's step
         in flight; returns their ids. Empty: the step had scheduled nothing yet, no request is to blame."""
-        outs = [self._current] + ([self._inflight.out] if self._inflight is not None else [])
+        if self._current is None:  # the scheduler itself raised: its bookkeeping is in doubt, blame no request
+            return []
+        outs = [self._current] + [x.out for x in (self._inflight, self._collecting) if x is not None]
         failed: dict[str, Request] = {}
         for out in outs:
-            if out is not None:
-                failed.update((r.request_id, r) for r in [c.request for c in out.prefills] + out.decodes)
+            failed.update((r.request_id, r) for r in [c.request for c in out.prefills] + out.decodes)
         for req in failed.values():
             if not req.finished:
                 self._fail(req)
-        self._current = self._inflight = None
+        self._current = self._inflight = self._collecting = None
         self.runner.reset()
         return list(failed)
 

@@ -10,11 +10,13 @@ preemption under a tiny KV cache and the static-buffer (CUDA-graph-shaped) decod
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from test_engine import GREEDY, _assert_clean, _model, _requests  # the engine tests' models and requests
 
-from fastllava.engine import EngineConfig, LLMEngine, SamplingParams
+from fastllava.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from fastllava.tiny import build_tokenizer
 
 
@@ -155,6 +157,32 @@ def test_length_capped_requests_are_not_rescheduled(anyres_model, tokenizer):
     _, eng_s = _run(anyres_model, tokenizer, reqs, overlap=False)
     _, eng_o = _run(anyres_model, tokenizer, reqs, overlap=True)
     assert eng_o.num_steps == eng_s.num_steps
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streamed_equals_non_streamed(anyres_model, tokenizer, overlap):
+    """Concurrent ``AsyncLLMEngine`` streams add up (deltas, new token ids, counts) to what the synchronous
+    ``LLMEngine.generate`` returns for the same requests, stop strings and sampling included."""
+    reqs = _mixed(anyres_model.config, tokenizer, anyres_model, 12, seed=17)
+    prompts, images, params = (list(x) for x in zip(*reqs, strict=True))
+    plain = LLMEngine(anyres_model, tokenizer).generate(prompts, images, params)
+    eng = LLMEngine(anyres_model, tokenizer, EngineConfig(overlap_scheduling=overlap))
+    engine = AsyncLLMEngine(eng)
+
+    async def stream(i, p, im, sp):
+        text, ids, last = "", [], None
+        async for out in engine.generate_request(eng.make_request(p, im, sp, request_id=f"s{i}")):
+            text, ids, last = text + out.delta_text, ids + out.new_token_ids, out
+        assert last.num_output_tokens == len(ids) and last.token_ids == ids and last.text == text
+        return ids, text, last.finish_reason
+
+    async def main():
+        got = await asyncio.gather(*[stream(i, *r) for i, r in enumerate(reqs)])
+        await engine.shutdown()
+        return got
+
+    assert asyncio.run(main()) == [(o.token_ids, o.text, o.finish_reason) for o in plain]
+    _assert_clean(eng)
 
 
 @pytest.mark.gpu

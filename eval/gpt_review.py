@@ -25,6 +25,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from .answers import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -101,25 +103,59 @@ def parse_score(review: str) -> list[float]:
     return [-1.0, -1.0]
 
 
-def llava_bench_content(question: dict, context: dict, ans1: dict, ans2: dict, rule: dict) -> str:
-    role = rule["role"]
+def _answers(role: str, ans1: dict, ans2: dict) -> str:
+    return f"[{role} 1]\n{ans1['text']}\n\n[End of {role} 1]\n\n[{role} 2]\n{ans2['text']}\n\n[End of {role} 2]\n\n"
+
+
+def llava_bench_content(question: dict, context: dict | None, ans1: dict, ans2: dict, rule: dict) -> str:
+    """LLaVA-Bench (``eval_gpt_review_bench.py``): the image's caption(s) as context."""
+    caption = context["caption"]
+    captions = "\n".join(caption) if isinstance(caption, list) else caption
     return (
-        f"[Context]\n{chr(10).join(context['caption'])}\n\n"
-        f"[Question]\n{question['text']}\n\n"
-        f"[{role} 1]\n{ans1['text']}\n\n[End of {role} 1]\n\n"
-        f"[{role} 2]\n{ans2['text']}\n\n[End of {role} 2]\n\n"
-        f"[System]\n{rule['prompt']}\n\n"
+        f"[Context]\n{captions}\n\n[Question]\n{question['text']}\n\n"
+        + _answers(rule["role"], ans1, ans2)
+        + f"[System]\n{rule['prompt']}\n\n"
     )
 
 
+def visual_content(question: dict, context: dict | None, ans1: dict, ans2: dict, rule: dict) -> str:
+    """``eval_gpt_review_visual.py`` (COCO-based LLaVA-Bench): captions, then ``category: bbox`` per object."""
+    captions = "\n".join(context["captions"])
+    boxes = "\n".join(f"{inst['category']}: {inst['bbox']}" for inst in context["instances"])
+    return (
+        f"[Context]\n{captions}\n\n{boxes}\n\n[Question]\n{question['text']}\n\n"
+        + _answers(rule["role"], ans1, ans2)
+        + f"[System]\n{rule['prompt']}\n\n"
+    )
+
+
+def text_content(question: dict, context: dict | None, ans1: dict, ans2: dict, rule: dict) -> str:
+    """``eval_gpt_review.py`` (text-only QA): no context."""
+    system = f"[System]\n{rule['prompt']}\n\n"
+    return f"[Question]\n{question['text']}\n\n" + _answers(rule["role"], ans1, ans2) + system
+
+
+# how each of LLaVA's review scripts builds the judge's input and names the category
+REVIEW_KINDS = {
+    "bench": (llava_bench_content, "llava_bench_"),
+    "visual": (visual_content, ""),
+    "text": (text_content, ""),
+}
+
+
 def review_llava_bench(
-    question_file, context_file, answer_files, output, judge: Judge, rules: dict | None = None
+    question_file, context_file, answer_files, output, judge: Judge, rules: dict | None = None, kind: str = "bench"
 ) -> int:
-    """Review every question not yet in ``output``; returns how many reviews were made now."""
+    """Review every question not yet in ``output``; returns how many reviews were made now.
+
+    ``kind``: ``bench`` (LLaVA-Bench, ``eval_gpt_review_bench.py``), ``visual`` (``eval_gpt_review_visual.py``)
+    or ``text`` (``eval_gpt_review.py``: no context file, a category missing from the rules uses ``default``).
+    """
+    content_fn, prefix = REVIEW_KINDS[kind]
     rules = rules or DEFAULT_RULES
     questions = read_jsonl(question_file)
     ans1, ans2 = read_jsonl(answer_files[0]), read_jsonl(answer_files[1])
-    contexts = {c["image"]: c for c in read_jsonl(context_file)}
+    contexts = {c["image"]: c for c in read_jsonl(context_file)} if context_file else {}
     out = Path(output)
     done = len(read_jsonl(out)) if out.exists() else 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,10 +164,11 @@ def review_llava_bench(
         for idx, (q, a1, a2) in enumerate(zip(questions, ans1, ans2, strict=False)):
             if idx < done:
                 continue
-            category = "llava_bench_" + q["category"]
-            if category not in rules:
+            category = prefix + q["category"]
+            rule = rules.get(category, rules.get("default") if kind == "text" else None)
+            if rule is None:
                 raise KeyError(f"Visual QA category not found in rule file: {category}")
-            review = judge(llava_bench_content(q, contexts[q["image"]], a1, a2, rules[category]))
+            review = judge(content_fn(q, contexts.get(q.get("image")), a1, a2, rule))
             rec = {
                 "id": idx + 1,
                 "question_id": q["question_id"],
@@ -159,8 +196,8 @@ def summarize_reviews(review_file, ignore: set | None = None) -> dict[str, dict]
         scores["all"].append(pair)
     out = {}
     for k, v in sorted(scores.items()):
-        m1 = sum(p[0] for p in v) / len(v)
-        m2 = sum(p[1] for p in v) / len(v)
+        # LLaVA's arithmetic: numpy means rounded to 3 digits, then the ratio (printed numbers depend on it)
+        m1, m2 = (round(x, 3) for x in np.asarray(v, dtype=np.float64).mean(0).tolist())
         out[k] = {"relative": round(m2 / m1 * 100, 1) if m1 else 0.0, "reference": m1 * 10, "model": m2 * 10}
     return out
 
@@ -247,6 +284,28 @@ def _judge_args(p: argparse.ArgumentParser) -> None:
 def _judge(a) -> Judge:
     client = openai_client(a.base_url, a.api_key, a.timeout, max_retries=0)
     return Judge(client, a.judge_model, a.temperature, a.max_tokens, a.retries)
+
+
+def review_main(kind: str, argv: list[str] | None = None, judge_model: str = "gpt-4-0314") -> int:
+    """The command line of LLaVA's ``eval_gpt_review{,_bench,_visual}.py`` (``kind``: text, bench, visual), plus
+    the judge's endpoint options (``--base-url``, ``--judge-model`` ...)."""
+    p = argparse.ArgumentParser(description="GPT-based QA review (any OpenAI-compatible judge)")
+    p.add_argument("-q", "--question", required=True)
+    if kind != "text":
+        p.add_argument("-c", "--context", required=True)
+    p.add_argument("-a", "--answer-list", nargs="+", required=True, help="reference answers, then the model's")
+    p.add_argument("-r", "--rule", required=True, help="LLaVA's rule.json")
+    p.add_argument("-o", "--output", required=True)
+    _judge_args(p)
+    p.set_defaults(judge_model=judge_model)
+    a = p.parse_args(argv)
+    if len(a.answer_list) < 2:
+        p.error("--answer-list needs two files: the reference answers and the model's")
+    rules = json.loads(Path(a.rule).expanduser().read_text())
+    context = getattr(a, "context", None)
+    n = review_llava_bench(a.question, context, a.answer_list[:2], a.output, _judge(a), rules, kind=kind)
+    print(f"{n} new reviews in {a.output}")
+    return n
 
 
 def main(argv: list[str] | None = None) -> None:

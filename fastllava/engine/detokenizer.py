@@ -35,9 +35,13 @@ def fast_decode(tokenizer) -> Callable[..., str]:
     all ``decode`` would run (no ``clean_up_tokenization_spaces``): the same text, without ~10 us of Python
     argument handling per call, twice per request per step."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", True)
-    if backend is not None and hasattr(backend, "decode") and not cleans_up:
-        return backend.decode
+    if backend is None or not hasattr(backend, "decode") or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer.decode
+    for cls in type(tokenizer).__mro__:  # a subclass below the fast-tokenizer base that decodes its own way
+        if "backend_tokenizer" in vars(cls):
+            return backend.decode
+        if "decode" in vars(cls) or "_decode" in vars(cls):
+            return tokenizer.decode
     return tokenizer.decode
 
 

@@ -533,9 +533,9 @@ def host_ms_per_step(tokens: int, n: int = HOST_REQUESTS, device: torch.device |
     cfg = LlavaConfig.from_hf_dict(load_json(path / "config.json"))
     model = NullModel(cfg, tok(" shapes", add_special_tokens=False).input_ids[0]).to(device)
     ctx = tokens + 64
-    eng = LLMEngine(
-        model, tok, EngineConfig(max_num_seqs=n, max_model_len=ctx, num_blocks=n * -(-ctx // 16), block_size=16)
-    )
+    # no CUDA graphs: the null model has nothing to capture (its forward launches nothing)
+    engine_cfg = EngineConfig(max_num_seqs=n, max_model_len=ctx, num_blocks=n * -(-ctx // 16), cuda_graphs=False)
+    eng = LLMEngine(model, tok, engine_cfg)
     rng = random.Random(0)
     for i in range(n):
         prompt = [1] + [rng.randrange(5, 300) for _ in range(24)]

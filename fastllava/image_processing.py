@@ -3,7 +3,7 @@
     proc = ImageProcessor.from_pretrained(checkpoint_dir)      # preprocessor_config.json or processor_config.json
     proc(images, return_tensors="pt")["pixel_values"]          # (B, 3, H, W) float32
 
-transformers' image processors are the test oracle, not a dependency (DESIGN.md: transformers only for
+transformers' image processors are the test oracle, not a dependency (docs/ARCHITECTURE.md: transformers only for
 tokenizers and config parsing). The pipeline is the one of its PIL backend (`PilBackend._preprocess`):
 
     convert to RGB (alpha composited on white) -> resize (PIL, `resample`) -> center crop (zero-pad if

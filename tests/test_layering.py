@@ -1,4 +1,4 @@
-"""DESIGN.md's layering rules, checked by walking every import in the tree.
+"""docs/ARCHITECTURE.md's layering rules, checked by walking every import in the tree.
 
 - nothing in `fastllava/` or `kernels/` imports `train`, `serve`, `eval` or `bench` (bare or as `fastllava.*`);
 - `kernels/` imports only torch/triton/stdlib and its own `fastllava.kernels.*` modules;

@@ -53,6 +53,7 @@ setup(
         "fastllava.csrc": ["*.cu", "*.cpp", "*.h"],
         "fastllava": ["assets/**/*"],
         "fastllava.serve": ["examples/*"],  # the web UI's examples
+        "fastllava.eval": ["webpage/*"],  # the answers-side-by-side page (eval.generate_webpage_data_from_table)
     },
     include_package_data=True,
     install_requires=[

@@ -131,3 +131,40 @@ def test_summarize_gpt_review_prints_llavas_numbers(tmp_path, capsys):
 
         summarize_gpt_review.main(args)
         assert capsys.readouterr().out == want, args
+
+
+def test_multimodal_chat_gpt_score_llava_med_format_and_token_budget(tmp_path, monkeypatch, capsys):
+    """LLaVA-Med's pairwise judge: its message layout and system prompt, its scores file, and a figure context
+    too long for the judge's context shortened until prompt + reply fit (LLaVA-Med sends it whole)."""
+    from fastllava.eval import eval_multimodal_chat_gpt_score as mm
+
+    seen = []
+    monkeypatch.setattr(
+        gpt_review.Judge, "__call__", lambda self, c, system=None, **kw: seen.append((c, system)) or " 9 7\nfine "
+    )
+    questions = [
+        {"question_id": 1, "fig_label": "Figure 2", "fig_caption": "CT of the chest.", "in_text_mention": "A mass.",
+         "text": "What is shown?", "gpt4_answer": "A lung mass.", "domain": {"ct": True}},
+        {"question_id": 2, "fig_label": "Fig. 1", "fig_caption": "MRI.", "in_text_mention": "word " * 5000,
+         "text": "Which sequence?", "gpt4_answer": "T2.", "domain": {"mri": True}},
+    ]  # fmt: skip
+    _write_jsonl(tmp_path / "q.jsonl", questions)
+    _write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "A tumour."}, {"question_id": 2, "text": "T1."}])
+    args = ["--question-file", str(tmp_path / "q.jsonl"), "--answers-file", str(tmp_path / "a.jsonl"),
+            "--scores-file", str(tmp_path / "out" / "scores.jsonl"), "--max-context-tokens", "2048"]  # fmt: skip
+    assert mm.main(args) == 2
+    assert seen[0] == (
+        "[Context]\nFigure Caption:\nFigure 2: CT of the chest.\n\nFigure Context:\n\t- A mass.\n\n"
+        "[Question]\nWhat is shown?\n\n[Assistant 1]\nA lung mass.\n\n[End of Assistant 1]\n\n"
+        "[Assistant 2]\nA tumour.\n\n[End of Assistant 2]\n\n[System]\n" + mm.INSTRUCT_PROMPT + "\n\n",
+        "'You are a helpful and precise assistant for checking the quality of the answer.",
+    )
+    long_prompt = seen[1][0]
+    count = mm.token_counter("gpt-4-0314")
+    assert count(long_prompt) + count(mm.SYSTEM) <= 2048 - 1024 and " ...\n\n[Question]\nWhich sequence?" in long_prompt
+    assert "[Assistant 2]\nT1.\n\n" in long_prompt
+    rows = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert rows[0] == {**questions[0], "question": "What is shown?", "ans1": "A lung mass.", "ans2": "A tumour.",
+                       "gpt_eval": "9 7\nfine"}  # fmt: skip
+    assert "mean scores 9.00 (reference) 7.00 (model)" in capsys.readouterr().out
+    assert mm.main(args) == 0  # resumes

@@ -83,8 +83,11 @@ def test_webpage_shows_answers_side_by_side(tables, monkeypatch, tmp_path):
             assert (page.text_content("#other-score"), page.text_content("#our-score")) == ("1", "4")
             page.click("#next")
             assert page.text_content("#question-text") == "Question 2?"
-            page.select_option("#category", "math")
-            assert page.text_content("#question-text") == "Question 3?"
+            page.select_option("#category", "math")  # questions 2, 5, 8, ...
+            assert page.text_content("#question-text") == "Question 2?"
+            page.click("#next")
+            assert page.text_content("#question-text") == "Question 5?"
+            assert page.text_content("#our-answer") == "ours says 5"
             browser.close()
     finally:
         server.shutdown()

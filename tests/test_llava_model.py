@@ -268,3 +268,26 @@ def test_llava_model_worker_runs_our_model(monkeypatch, tmp_path):
     want = tok.decode(new[0], skip_special_tokens=True).split(conv.sep2)[0].strip()
     assert answer == want
     assert answer.lower() == truth.lower()  # the embedded model reads the picture
+
+
+def test_logits_match_llavas_own_model(pair):
+    """LLaVA's ``LlavaLlamaForCausalLM`` (its prepare_inputs + transformers' Llama) and ours, same checkpoint:
+    the same logits for a padded two-prompt batch with images of two sizes (LLaVA's call: ``image.size``)."""
+    tok = pair.tokenizer
+    rows = [
+        tokenizer_image_token(p, tok, IMAGE_TOKEN_INDEX) for p in ["USER: <image>\nWhat? ASSISTANT:", "<image>\nHi"]
+    ]
+    width = max(map(len, rows))
+    ids = torch.full((2, width), tok.pad_token_id)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
+    images = [_image(70, 33, 7), _image(40, 40, 8)]
+    px, sizes = _pixels(pair, images), [im.size for im in images]
+    with torch.no_grad():
+        want = pair.theirs(input_ids=ids, attention_mask=mask, images=px, image_sizes=sizes).logits
+        got = pair.ours(ids, attention_mask=mask, images=px, image_sizes=sizes).logits
+    _, _, new_mask, _, _, _ = pair.theirs.prepare_inputs_labels_for_multimodal(ids, None, mask, None, None, px, sizes)
+    keep = new_mask.bool()
+    assert got.shape == want.shape
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-4, rtol=1e-4)

@@ -2,11 +2,13 @@
 
     python -m train.recipes.default --work /tmp/default-model [--install] [--quick]
 
-Steps: write the synthetic set (``fastllava.data.synthetic``); write the base: a tiny random Llama and a tiny
+Steps: write the synthetic set (``fastllava.data.synthetic``, ``varied=True``: the train split asked the ways
+people ask, with text-only and off-topic chats answered by ``asking.OUT_OF_DOMAIN_REPLY``; today's held-out split
+and the robustness split); write the base: a tiny random Llama and a tiny
 CLIP-like tower pretrained on synthetic scenes (``train.make_tiny_base --pretrain-steps``, as CLIP is trained
 before LLaVA starts); train LLaVA's stage 2 with ``train/train.py`` (projector + language model, tower frozen as
 in LLaVA) on packed micro-batches with the ``mistral_instruct`` template; report held-out exact-match accuracy
-(``train.evaluate``). ``--install`` copies the llava-hf checkpoint (and ``eval_result.json``) to
+on both held-out splits (``score``). ``--install`` copies the llava-hf checkpoint (and ``eval_result.json``) to
 ``fastllava/assets/llava-tiny-shapes-mistral-instruct`` (a name LLaVA's conv-mode guess maps to
 ``mistral_instruct``). ``--quick`` is the short CI variant (fewer samples and steps; accuracy well above chance,
 not 95%).
@@ -21,6 +23,14 @@ What the recipe needs, measured on this task (2-layer tower and LM):
   * a pretrained tower: trained from scratch jointly, shape questions stayed at chance in most runs.
 Each question kind is learnt in a sudden transition, in a different order from run to run; short runs end
 with some kinds at 100% and others at chance.
+
+Asked the ways people ask (issue 19), measured on this task: the model trained on the canonical asking only
+scored 100% on today's split and 12.4% on the robustness split (text first, no suffix, paraphrases, other
+backgrounds and sizes all failed; text-only prompts got junk). Trained on the varied split (30% of questions
+canonical, 20% of images in the canonical look, the rest on any background at 28-288 px off the patch grid,
+40% of first turns text first, 15% of chats with an off-topic turn, one text-only chat per 12 images) with
+the tower pretrained on the same scenes, the same 2 x 2-layer model reached 100% / 98.8% (every variant group
+>= 96.5%) in ~5,800 steps: no need to grow it.
 """
 
 from __future__ import annotations

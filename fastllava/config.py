@@ -3,8 +3,10 @@
 Conventions kept inside fastllava whatever the checkpoint says:
   * image sizes are ``(height, width)``; anyres pinpoints are a list of ``(height, width)``
     (original LLaVA writes pinpoints as (W, H), transformers as (H, W): parsing converts);
-  * ``image_size_order`` records what the *user-facing* ``image_sizes`` argument means for this checkpoint
-    (LLaVA passes ``PIL.Image.size`` = (W, H), transformers passes (H, W)).
+  * ``image_size_order`` records whose anyres convention the checkpoint follows ("wh": original LLaVA, which
+    writes sizes as (W, H) and rounds the unpadded side down; "hw": transformers, (H, W), rounding to nearest).
+    It does not change what callers pass: ``images=`` takes ``image_sizes`` as ``PIL.Image.size`` (W, H) for
+    every checkpoint, ``pixel_values=`` takes transformers' (H, W) (``LlavaModel.forward``).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class LlavaConfig:
     mm_patch_merge_type: str = "flat"  # "spatial_unpad" for LLaVA-NeXT
     use_image_newline: bool = False
     mm_use_im_start_end: bool = False
-    image_size_order: str = "hw"  # what user-facing `image_sizes` mean: "hw" (transformers) or "wh" (LLaVA)
+    image_size_order: str = "hw"  # anyres convention: "hw" (transformers) or "wh" (original LLaVA); see above
     architecture: str = "LlavaForConditionalGeneration"  # or LlavaNextForConditionalGeneration / llava_llama
     tokenizer_padding_side: str = "right"
 

@@ -40,6 +40,20 @@ class VisionConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @classmethod
+    def from_dict(cls, d: dict) -> VisionConfig:
+        """Parse a CLIP / SigLIP vision ``config.json`` (or a llava-hf ``vision_config``); unknown keys ignored."""
+        d = dict(d)
+        d.setdefault("model_type", "clip_vision_model")
+        if "siglip" in d["model_type"]:
+            d.setdefault("hidden_act", "gelu_pytorch_tanh")
+            d.setdefault("layer_norm_eps", 1e-6)
+        return cls(**_pick(cls, d))
+
+    def to_hf_dict(self) -> dict:
+        """The ``config.json`` fields transformers' ``CLIPVisionConfig`` / ``SiglipVisionConfig`` read."""
+        return asdict(self)
+
 
 @dataclass
 class TextConfig:
@@ -69,6 +83,59 @@ class TextConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.model_type == "qwen2":
             self.attention_bias = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextConfig:
+        """Parse a Llama / Mistral / Qwen2 ``config.json`` (or a llava-hf ``text_config``); unknown keys ignored."""
+        d = dict(d)
+        d.setdefault("model_type", "llama")
+        # transformers >= 5 nests rope settings under rope_parameters
+        rope = d.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        if rope and rope.get("rope_type", "default") != "default":
+            d["rope_scaling"] = rope
+        elif d.get("rope_scaling") and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) == "default":
+            d["rope_scaling"] = None
+        if d["model_type"] == "qwen2" and not d.get("use_sliding_window", False):
+            d["sliding_window"] = None
+        if d["model_type"] == "llama":
+            d["sliding_window"] = None
+        return cls(**_pick(cls, d))
+
+    def to_hf_dict(self) -> dict:
+        """The ``config.json`` fields transformers' ``LlamaConfig`` / ``MistralConfig`` / ``Qwen2Config`` read
+        (only those its model type has: ``sliding_window`` for Mistral and Qwen2, MLP bias for Llama)."""
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "model_type",
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "rms_norm_eps",
+                "rope_theta",
+                "hidden_act",
+                "tie_word_embeddings",
+                "bos_token_id",
+                "eos_token_id",
+                "pad_token_id",
+            )
+        }
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = self.rope_scaling
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            d.update(sliding_window=self.sliding_window, use_sliding_window=self.sliding_window is not None)
+        return d
 
 
 @dataclass
@@ -112,8 +179,8 @@ class LlavaConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> LlavaConfig:
         """Parse a llava-hf ``config.json`` (model_type llava / llava_next)."""
-        vision = _vision_from_dict(cfg.get("vision_config") or {})
-        text = _text_from_dict(cfg.get("text_config") or {})
+        vision = VisionConfig.from_dict(cfg.get("vision_config") or {})
+        text = TextConfig.from_dict(cfg.get("text_config") or {})
         is_next = cfg.get("model_type") == "llava_next" or "image_grid_pinpoints" in cfg
         act = cfg.get("projector_hidden_act", "gelu")
         if act not in ("gelu", "gelu_python"):
@@ -140,7 +207,7 @@ class LlavaConfig:
 
         The vision tower's own config comes from ``mm_vision_tower`` (a local CLIP/SigLIP folder).
         """
-        text = _text_from_dict({**cfg, "model_type": _llava_text_type(cfg.get("model_type", "llava_llama"))})
+        text = TextConfig.from_dict({**cfg, "model_type": _llava_text_type(cfg.get("model_type", "llava_llama"))})
         select = cfg.get("mm_vision_select_feature", "patch")
         pinpoints = cfg.get("image_grid_pinpoints")
         merge = cfg.get("mm_patch_merge_type", "flat")
@@ -175,33 +242,6 @@ def _llava_text_type(model_type: str) -> str:
 def _pick(dc, d: dict) -> dict:
     names = {f.name for f in fields(dc)}
     return {k: v for k, v in d.items() if k in names}
-
-
-def _vision_from_dict(d: dict) -> VisionConfig:
-    d = dict(d)
-    d.setdefault("model_type", "clip_vision_model")
-    if "siglip" in d["model_type"]:
-        d.setdefault("hidden_act", "gelu_pytorch_tanh")
-        d.setdefault("layer_norm_eps", 1e-6)
-    return VisionConfig(**_pick(VisionConfig, d))
-
-
-def _text_from_dict(d: dict) -> TextConfig:
-    d = dict(d)
-    d.setdefault("model_type", "llama")
-    # transformers >= 5 nests rope settings under rope_parameters
-    rope = d.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        d["rope_theta"] = rope["rope_theta"]
-    if rope and rope.get("rope_type", "default") != "default":
-        d["rope_scaling"] = rope
-    elif d.get("rope_scaling") and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) == "default":
-        d["rope_scaling"] = None
-    if d["model_type"] == "qwen2" and not d.get("use_sliding_window", False):
-        d["sliding_window"] = None
-    if d["model_type"] == "llama":
-        d["sliding_window"] = None
-    return TextConfig(**_pick(TextConfig, d))
 
 
 def load_json(path: str | Path) -> dict[str, Any]:

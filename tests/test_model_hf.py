@@ -149,8 +149,8 @@ def test_cls_patch_features_match_transformers(tmp_path):
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_vision_tower_hidden_states_match_transformers(kind):
     """Our tower's selected hidden states equal transformers' CLIPVisionModel / SiglipVisionModel ones."""
-    from fastllava.config import _vision_from_dict
-    from fastllava.model.checkpoint import remap, vision_to_fastllava
+    from fastllava.config import VisionConfig
+    from fastllava.model import weights
     from fastllava.model.vision import VisionTower
 
     kw = dict(
@@ -162,8 +162,8 @@ def test_vision_tower_hidden_states_match_transformers(kind):
         hf_cfg, hf_cls = transformers.CLIPVisionConfig(**kw), transformers.CLIPVisionModel
     torch.manual_seed(0)
     hf = hf_cls(hf_cfg).eval()
-    ours = VisionTower(_vision_from_dict(hf_cfg.to_dict())).eval()
-    state = {k.removeprefix("vision_tower."): v for k, v in remap(hf.state_dict(), vision_to_fastllava).items()}
+    ours = VisionTower(VisionConfig.from_dict(hf_cfg.to_dict())).eval()
+    state = {k.removeprefix("vision_tower."): v for k, v in weights.remap(hf.state_dict(), weights.VISION).items()}
     missing, _ = ours.load_state_dict(state, strict=False)
     assert not missing
     x = torch.randn(3, 3, 32, 32)

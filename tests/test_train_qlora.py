@@ -10,17 +10,18 @@ from types import SimpleNamespace
 
 import torch
 
+from fastllava.model.builder import quantize_language_model
 from fastllava.packing import ImageInput, pack
 from fastllava.quantization import Linear4bit
 from fastllava.tiny import build_tiny_llava, tiny_config
-from fastllava.train.modeling import add_lora, quantize_language_model
+from fastllava.train.modeling import add_lora
 
 
 def test_qlora_trains_adapters_on_a_frozen_4bit_base():
     cfg = tiny_config("llama")
     model = build_tiny_llava(cfg, seed=0)
     args = SimpleNamespace(bits=4, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none")
-    quantize_language_model(model, args)
+    quantize_language_model(model, args.bits)
     for p in model.parameters():
         p.requires_grad_(False)
     add_lora(model, args)

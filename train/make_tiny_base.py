@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from fastllava.config import LlavaConfig, TextConfig, VisionConfig
 from fastllava.image_processing import ImageProcessor
-from fastllava.model.export import _text_dict, _vision_dict
+from fastllava.model import weights
 from fastllava.tiny import build_tiny_llava, build_tokenizer
 
 
@@ -175,21 +175,16 @@ def write_base(
     lm_dir, clip_dir = out / "lm", out / "clip"
     lm_dir.mkdir(parents=True, exist_ok=True)
     clip_dir.mkdir(parents=True, exist_ok=True)
-    lm, tower = {}, {}
-    for k, v in model.state_dict().items():
-        v = v.detach().contiguous()
-        if k.startswith("language_model.lm_head."):
-            lm[k[len("language_model.") :]] = v
-        elif k.startswith("language_model."):
-            lm["model." + k[len("language_model.") :]] = v
-        elif k.startswith("vision_tower."):
-            tower["vision_model." + k[len("vision_tower.") :]] = v
+    state = model.state_dict()
+    # the LM in LlamaForCausalLM's names (LLaVA's LM rules), the tower in CLIPVisionModel's; no projector
+    lm = weights.to_layout({k: v for k, v in state.items() if k.startswith("language_model.")}, weights.LLAVA)
+    tower = weights.to_layout({k: v for k, v in state.items() if k.startswith("vision_tower.")}, weights.VISION)
     save_file(lm, str(lm_dir / "model.safetensors"), metadata={"format": "pt"})
     save_file(tower, str(clip_dir / "model.safetensors"), metadata={"format": "pt"})
-    text = {**_text_dict(cfg), "architectures": ["LlamaForCausalLM"]}
+    text = {**cfg.text.to_hf_dict(), "architectures": ["LlamaForCausalLM"]}
     (lm_dir / "config.json").write_text(json.dumps(text, indent=2))
     (clip_dir / "config.json").write_text(
-        json.dumps({"architectures": ["CLIPVisionModel"], **_vision_dict(cfg)}, indent=2)
+        json.dumps({"architectures": ["CLIPVisionModel"], **cfg.vision.to_hf_dict()}, indent=2)
     )
     tokenizer_for_answers(build_tokenizer(vocab_size=cfg.text.vocab_size)).save_pretrained(str(lm_dir))
     processor.save_pretrained(clip_dir)

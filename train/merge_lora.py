@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from fastllava.model import checkpoint as ckpt
+from fastllava.model import weights
 from fastllava.model.builder import merge_lora
 from fastllava.train.args import DataArguments, ModelArguments, TrainingArguments
 from fastllava.train.modeling import build_model, save_final
@@ -32,7 +33,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, model_base: str | None =
     train_args = TrainingArguments(**{**run["train"], "lora_enable": False, "bits": 16})
     tokenizer, model, processor = build_model(model_args, data_args, train_args)
     extra = ckpt.read_optional(adapter_dir, "non_lora_trainables", None) or {}
-    extra = ckpt.remap({k.removeprefix("base_model.model."): v for k, v in extra.items()}, ckpt.llava_to_fastllava)
+    extra = weights.remap(extra, weights.LORA, weights.LLAVA)
     missing = [k for k in extra if k not in model.state_dict()]
     if missing:
         raise ckpt.CheckpointError(f"non_lora_trainables has weights the base does not: {missing[:4]}")

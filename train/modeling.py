@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastllava.config import LlavaConfig, _text_from_dict, _vision_from_dict, load_json
+from fastllava.config import LlavaConfig, TextConfig, VisionConfig, load_json
 from fastllava.constants import DEFAULT_IMAGE_TOKEN
 from fastllava.image_processing import ImageProcessor
+from fastllava.model import builder, weights
 from fastllava.model import checkpoint as ckpt
 from fastllava.model.llava import LlavaModel
 
@@ -35,15 +36,6 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ------------------------------------------------------------------------------------ building
-
-
-def _load_tokenizer(path: str | Path, model_max_length: int):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    tok.model_max_length = model_max_length
-    tok.padding_side = "right"
-    return tok
 
 
 def _ensure_image_token(tokenizer) -> int:
@@ -70,11 +62,13 @@ def _resize_vocab(state: dict[str, torch.Tensor], new_size: int) -> None:
 def build_from_lm_and_tower(model_args, train_args) -> tuple[object, LlavaModel, ImageProcessor]:
     """A LLaVA from a plain LM folder and a vision tower folder (projector freshly initialised)."""
     lm_dir, tower_dir = Path(model_args.model_name_or_path), Path(model_args.vision_tower)
-    tokenizer = _load_tokenizer(lm_dir, train_args.model_max_length)
+    tokenizer = builder.load_tokenizer(lm_dir)
+    tokenizer.model_max_length = train_args.model_max_length
+    tokenizer.padding_side = "right"
     image_id = _ensure_image_token(tokenizer)
-    text = _text_from_dict(load_json(lm_dir / "config.json"))
+    text = TextConfig.from_dict(load_json(lm_dir / "config.json"))
     tower_cfg = load_json(tower_dir / "config.json")
-    vision = _vision_from_dict(tower_cfg.get("vision_config", tower_cfg))
+    vision = VisionConfig.from_dict(tower_cfg.get("vision_config", tower_cfg))
     text.vocab_size = max(text.vocab_size, len(tokenizer))
     if text.pad_token_id is None:
         text.pad_token_id = tokenizer.pad_token_id
@@ -91,8 +85,8 @@ def build_from_lm_and_tower(model_args, train_args) -> tuple[object, LlavaModel,
     )
     torch.manual_seed(train_args.seed)  # the projector's init (nn.Linear default, as LLaVA's)
     model = LlavaModel(config)
-    state = ckpt.remap(ckpt.read_weights(ckpt.weight_files(lm_dir)), ckpt.llava_to_fastllava)
-    state.update(ckpt.remap(ckpt.read_weights(ckpt.weight_files(tower_dir)), ckpt.vision_to_fastllava))
+    state = builder.read_state(lm_dir, None, weights.LLAVA)  # a plain LM folder: LLaVA's LM key names
+    state.update(builder.read_state(tower_dir, None, weights.VISION))
     _resize_vocab(state, config.text.vocab_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("multi_modal_projector.") and k != "image_newline"]
@@ -115,9 +109,7 @@ def build_model(model_args, data_args, train_args) -> tuple[object, LlavaModel, 
     model_args.image_aspect_ratio = data_args.image_aspect_ratio
     mtype = load_json(path / "config.json").get("model_type", "")
     if mtype in ("llava", "llava_next") or mtype.startswith("llava_"):
-        from fastllava.model.builder import load_pretrained_model
-
-        tokenizer, model, processor, _ = load_pretrained_model(str(path), device="cpu", dtype=torch.float32)
+        tokenizer, model, processor, _ = builder.load_pretrained_model(str(path), device="cpu", dtype=torch.float32)
         tokenizer.model_max_length = train_args.model_max_length
         model.config.image_aspect_ratio = data_args.image_aspect_ratio if not model.config.is_anyres else "anyres"
         model.train()
@@ -135,18 +127,14 @@ def load_projector(model: LlavaModel, path: str | Path) -> None:
     """Projector weights from a stage-1 run: LLaVA's ``mm_projector.bin``/``.safetensors`` (``model.mm_projector.*``
     keys) or a llava-hf checkpoint folder (``multi_modal_projector.*``)."""
     p = Path(path)
+    layouts = (weights.LORA, weights.HF_LEGACY, weights.HF_NEW, weights.LLAVA)  # whichever spells each key
     if p.is_dir():
-        state = ckpt.remap(ckpt.read_weights(ckpt.weight_files(p)), ckpt.hf_to_fastllava)
+        state = builder.read_state(p, None, *layouts)
     elif p.suffix == ".safetensors":
-        state = load_file(str(p))
+        state = weights.remap(load_file(str(p)), *layouts)
     else:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-    state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
-    mapped = {}
-    for k, v in state.items():
-        new = k if k.startswith("multi_modal_projector.") else ckpt.llava_to_fastllava(k)
-        if new is not None and new.startswith("multi_modal_projector."):
-            mapped[new] = v
+        state = weights.remap(torch.load(str(p), map_location="cpu", weights_only=True), *layouts)
+    mapped = {k: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
     if not mapped:
         raise ckpt.CheckpointError(f"{path} holds no projector weights (mm_projector / multi_modal_projector)")
     missing, _ = model.load_state_dict(mapped, strict=False)
@@ -171,28 +159,13 @@ def configure_trainable(model: LlavaModel, model_args, train_args) -> None:
     model.multi_modal_projector.requires_grad_(not model_args.freeze_mm_mlp_adapter)
     if hasattr(model, "image_newline"):
         model.image_newline.requires_grad_(not model_args.freeze_mm_mlp_adapter)
-    if train_args.bits in (4, 8):
-        quantize_language_model(model, train_args)
+    if train_args.bits in (4, 8):  # QLoRA's base: the LM's linears, frozen (LLaVA's skip list)
+        builder.quantize_language_model(model, train_args.bits)
     if train_args.lora_enable:
         add_lora(model, train_args)
     if train_args.gradient_checkpointing:
         model.language_model.gradient_checkpointing = True
         model.vision_tower.gradient_checkpointing = not model_args.freeze_vision_tower
-
-
-def quantize_language_model(model: LlavaModel, train_args) -> None:
-    """QLoRA's base: the language model's linears (not lm_head, tower or projector) in NF4, frozen."""
-    try:
-        from fastllava.quantization import quantize_model_
-    except ImportError as exc:
-        raise SystemExit(f"--bits {train_args.bits} needs fastllava.quantization.quantize_model_ ({exc})") from exc
-    skip = ("vision_tower", "multi_modal_projector", "lm_head")
-    if train_args.bits == 4:
-        quantize_model_(model, skip_modules=skip)
-    else:
-        from fastllava.quantization import quantize_model_8bit_
-
-        quantize_model_8bit_(model, skip_modules=skip)
 
 
 def add_lora(model: LlavaModel, train_args) -> None:
@@ -215,7 +188,14 @@ def add_lora(model: LlavaModel, train_args) -> None:
     for name, p in model.language_model.named_parameters():
         if "lora_" in name:
             p.requires_grad_(True)
-    model._lora_config = cfg
+
+
+def lora_config(model: LlavaModel):
+    """The ``LoraConfig`` that ``add_lora`` applied (peft keeps it on the module it injected into)."""
+    configs = getattr(model.language_model, "peft_config", None)
+    if not configs:
+        raise ValueError("the model has no LoRA adapters (add_lora was not applied)")
+    return configs["default"]
 
 
 def is_projector_param(name: str) -> bool:
@@ -228,27 +208,17 @@ def is_projector_param(name: str) -> bool:
 def lora_state_dict(model: LlavaModel) -> dict[str, torch.Tensor]:
     """Adapter weights under original LLaVA's peft key names (``base_model.model.model.layers.N....lora_A.weight``),
     the names ``fastllava.model.builder.merge_lora`` and LLaVA's own loader read."""
-    out = {}
-    for k, v in model.language_model.state_dict().items():
-        if "lora_" not in k:
-            continue
-        k = k.replace(".default", "")  # peft's saved names drop the adapter name
-        name = k if k.startswith("lm_head.") else "model." + k
-        out["base_model.model." + name] = v.detach().contiguous().cpu()
-    return out
+    state = {
+        "language_model." + k.replace(".default", ""): v  # peft's saved names drop the adapter name
+        for k, v in model.language_model.state_dict().items()
+        if "lora_" in k
+    }
+    return weights.to_layout(state, weights.LORA, model.config.projector_type)
 
 
 def merged_model(model: LlavaModel) -> LlavaModel:
     """Fold LoRA adapters into their base linears (peft's merge) and drop the wrappers. In place."""
-    from peft.tuners.lora import LoraLayer
-
-    lm = model.language_model
-    for name, module in list(lm.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = lm.get_submodule(parent_name) if parent_name else lm
-            setattr(parent, child, module.get_base_layer())
+    builder.merge_lora_layers(model.language_model)
     return model
 
 
@@ -256,7 +226,7 @@ def save_lora_adapter(model: LlavaModel, out_dir: Path, run_args: dict) -> None:
     """peft-format adapter (``adapter_config.json`` + ``adapter_model.safetensors``), the non-LoRA trainables
     (projector) and the arguments that rebuild the base (``base_model.json``, for ``python -m train.merge_lora``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = model._lora_config
+    cfg = lora_config(model)
     adapter_cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -272,37 +242,18 @@ def save_lora_adapter(model: LlavaModel, out_dir: Path, run_args: dict) -> None:
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
     save_file(lora_state_dict(model), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    non_lora = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad and "lora_" not in name:
-            non_lora["base_model.model." + _llava_name(name)] = p.detach().contiguous().cpu()
+    trainables = {name: p for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name}
+    non_lora = weights.to_layout(trainables, weights.LORA, model.config.projector_type)
     save_file(non_lora, str(out_dir / "non_lora_trainables.safetensors"), metadata={"format": "pt"})
     (out_dir / "base_model.json").write_text(json.dumps(run_args, indent=2, default=str))
 
 
-def _llava_name(name: str) -> str:
-    """fastllava name -> original LLaVA's (``model.mm_projector.{0,2}.weight``, ``model.layers...``,
-    ``model.vision_tower.vision_tower.vision_model...``), the names ``llava_to_fastllava`` maps back."""
-    if name == "image_newline":
-        return "model.image_newline"
-    if name.startswith("language_model.lm_head."):
-        return name[len("language_model.") :]
-    if name.startswith("language_model."):
-        return "model." + name[len("language_model.") :]
-    if name.startswith("vision_tower."):
-        return "model.vision_tower.vision_tower.vision_model." + name[len("vision_tower.") :]
-    idx, param = name[len("multi_modal_projector.linear_") :].split(".")
-    return f"model.mm_projector.{2 * (int(idx) - 1)}.{param}"
-
-
 def save_projector(model: LlavaModel, path: Path) -> None:
     """Stage-1 output as LLaVA writes it (``mm_projector`` under LLaVA's key names), in safetensors."""
-    state = {
-        _llava_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items() if is_projector_param(k)
-    }
-    if model.config.projector_type == "linear":
-        state = {k.replace("mm_projector.0.", "mm_projector."): v for k, v in state.items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    state = {k: v for k, v in model.state_dict().items() if is_projector_param(k)}
+    save_file(
+        weights.to_layout(state, weights.LLAVA, model.config.projector_type), str(path), metadata={"format": "pt"}
+    )
 
 
 def save_final(model: LlavaModel, out_dir: Path, tokenizer, processor) -> Path:

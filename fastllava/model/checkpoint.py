@@ -1,27 +1,16 @@
-"""Reading weights: safetensors (single file or sharded with an index), pickles only when opted in, and the
-key maps from every LLaVA layout onto fastllava's module names.
-
-Layouts mapped here (fastllava name on the right):
-  llava-hf legacy (< 4.52, and what transformers 5 writes):
-      language_model.model.X -> language_model.X;  language_model.lm_head.X -> language_model.lm_head.X
-  llava-hf >= 4.52:
-      model.language_model.X -> language_model.X;  lm_head.X -> language_model.lm_head.X
-      model.vision_tower.X -> vision_tower.X;  model.multi_modal_projector.X -> multi_modal_projector.X
-  both:  vision_tower.vision_model.X -> vision_tower.X
-  original LLaVA (llava_llama, llava_mistral):
-      model.layers / embed_tokens / norm -> language_model.*;  model.image_newline -> image_newline
-      model.mm_projector.{0,2,..} -> multi_modal_projector.linear_{1,2,..}
-  a CLIP / SigLIP folder (mm_vision_tower):  vision_model.X -> vision_tower.X
+"""Reading weights: safetensors (single file or sharded with an index), pickles only when opted in, and the list
+of a checkpoint's ``(file, key)`` pairs without reading its tensors. The key names of every layout, and how they
+map onto fastllava's parameter names, are in ``fastllava.model.weights``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -96,70 +85,20 @@ def read_optional(path: Path, stem: str, allow_pickle: bool | None) -> dict[str,
     return None
 
 
-# ------------------------------------------------------------------------------------- key maps
-
-_DROP = re.compile(r"(rotary_emb\.inv_freq$|\.head\.|vision_tower\.vision_model\.head\.|position_ids$)")
-
-
-def hf_to_fastllava(key: str) -> str | None:
-    """Map a llava-hf key (either layout) to fastllava's name; None for keys to drop."""
-    if _DROP.search(key):
-        return None
-    for prefix in (
-        "model.language_model.",
-        "model.vision_tower.",
-        "model.multi_modal_projector.",
-        "model.image_newline",
-    ):
-        if key.startswith(prefix):
-            key = key[len("model.") :]
-            break
-    if key.startswith("language_model.model."):
-        key = "language_model." + key[len("language_model.model.") :]
-    elif key.startswith("lm_head."):
-        key = "language_model." + key
-    key = key.replace("vision_tower.vision_model.", "vision_tower.")
-    return key
-
-
-def llava_to_fastllava(key: str) -> str | None:
-    """Map an original-LLaVA key (``LlavaLlamaForCausalLM`` state dict) to fastllava's name."""
-    if _DROP.search(key):
-        return None
-    m = re.match(r"model\.mm_projector\.(?:(\d+)\.)?(weight|bias)$", key)
-    if m:
-        idx = int(m.group(1)) // 2 + 1 if m.group(1) is not None else 1
-        return f"multi_modal_projector.linear_{idx}.{m.group(2)}"
-    if key.startswith("model.vision_tower."):
-        # LLaVA nests HF's CLIPVisionModel: model.vision_tower.vision_tower.vision_model.X
-        rest = key.split("vision_model.", 1)
-        return "vision_tower." + rest[1] if len(rest) == 2 else None
-    if key == "model.image_newline":
-        return "image_newline"
-    if key.startswith("model."):
-        return "language_model." + key[len("model.") :]
-    if key.startswith("lm_head."):
-        return "language_model." + key
-    return key
-
-
-def vision_to_fastllava(key: str) -> str | None:
-    """Map a CLIP/SigLIP checkpoint key (``CLIPVisionModel`` or full ``CLIPModel``) to ``vision_tower.*``.
-
-    Accepts ``vision_model.X`` (checkpoints on disk) and bare ``X`` (transformers 5's in-memory names)."""
-    if _DROP.search(key):
-        return None
-    if key.startswith("vision_model."):
-        return "vision_tower." + key[len("vision_model.") :]
-    if key.split(".", 1)[0] in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm"):
-        return "vision_tower." + key
-    return None
-
-
-def remap(state: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        new = fn(k)
-        if new is not None:
-            out[new] = v
-    return out
+def checkpoint_keys(path: str | Path, allow_pickle: bool | None = None, stem: str = "model") -> list[tuple[Path, str]]:
+    """Every ``(file, key)`` of a checkpoint folder, without reading a tensor: safetensors headers, a pickle index's
+    ``weight_map``, or (opted-in pickles without an index) ``torch.load(mmap=True)``, which maps but does not read.
+    Map the keys to our names with ``fastllava.model.weights.key_map``."""
+    path = Path(path)
+    files = weight_files(path, allow_pickle, stem)
+    if files[0].suffix != ".safetensors" and (path / BIN_INDEX).is_file():
+        with open(path / BIN_INDEX, encoding="utf-8") as f:
+            return [(path / file, key) for key, file in json.load(f)["weight_map"].items()]
+    pairs = []
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as handle:
+                pairs.extend((f, key) for key in handle.keys())
+        else:
+            pairs.extend((f, key) for key in torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    return pairs

@@ -12,54 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from fastllava.config import LlavaConfig
+from fastllava.model import weights
 from fastllava.model.llava import LlavaModel
-
-
-def _text_dict(cfg: LlavaConfig) -> dict:
-    t = cfg.text
-    d = {
-        "model_type": t.model_type,
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.hidden_size,
-        "intermediate_size": t.intermediate_size,
-        "num_hidden_layers": t.num_hidden_layers,
-        "num_attention_heads": t.num_attention_heads,
-        "num_key_value_heads": t.num_key_value_heads,
-        "head_dim": t.head_dim,
-        "max_position_embeddings": t.max_position_embeddings,
-        "rms_norm_eps": t.rms_norm_eps,
-        "rope_theta": t.rope_theta,
-        "hidden_act": t.hidden_act,
-        "tie_word_embeddings": t.tie_word_embeddings,
-        "bos_token_id": t.bos_token_id,
-        "eos_token_id": t.eos_token_id,
-        "pad_token_id": t.pad_token_id,
-    }
-    if t.rope_scaling is not None:
-        d["rope_scaling"] = t.rope_scaling
-    if t.model_type == "llama":
-        d.update(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias)
-    if t.model_type == "mistral":
-        d["sliding_window"] = t.sliding_window
-    if t.model_type == "qwen2":
-        d.update(sliding_window=t.sliding_window, use_sliding_window=t.sliding_window is not None)
-    return d
-
-
-def _vision_dict(cfg: LlavaConfig) -> dict:
-    v = cfg.vision
-    return {
-        "model_type": v.model_type,
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.intermediate_size,
-        "num_hidden_layers": v.num_hidden_layers,
-        "num_attention_heads": v.num_attention_heads,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "num_channels": v.num_channels,
-        "hidden_act": v.hidden_act,
-        "layer_norm_eps": v.layer_norm_eps,
-    }
 
 
 def hf_config_dict(cfg: LlavaConfig) -> dict:
@@ -68,8 +22,8 @@ def hf_config_dict(cfg: LlavaConfig) -> dict:
     d = {
         "architectures": ["LlavaNextForConditionalGeneration" if is_next else "LlavaForConditionalGeneration"],
         "model_type": "llava_next" if is_next else "llava",
-        "text_config": _text_dict(cfg),
-        "vision_config": _vision_dict(cfg),
+        "text_config": cfg.text.to_hf_dict(),
+        "vision_config": cfg.vision.to_hf_dict(),
         "image_token_index": cfg.image_token_index,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": cfg.projector_bias,
@@ -88,24 +42,15 @@ def hf_state_dict(model: LlavaModel, layout: str = "legacy") -> dict[str, torch.
     transformers 5 writes); ``new``: ``model.language_model.*`` (transformers >= 4.52 in memory)."""
     if model.config.projector_type != "mlp2x_gelu":
         raise ValueError("llava-hf checkpoints hold an mlp2x_gelu projector only; save in the original layout")
-    out = {}
-    for k, v in model.state_dict().items():
-        if k == "language_model.lm_head.weight" and model.config.text.tie_word_embeddings:
-            continue
-        if k.startswith("language_model.lm_head."):
-            name = k if layout == "legacy" else k[len("language_model.") :]
-        elif k.startswith("language_model."):
-            rest = k[len("language_model.") :]
-            name = f"language_model.model.{rest}" if layout == "legacy" else f"model.language_model.{rest}"
-        elif k.startswith("vision_tower."):
-            rest = k[len("vision_tower.") :]
-            name = (
-                f"vision_tower.vision_model.{rest}" if layout == "legacy" else f"model.vision_tower.vision_model.{rest}"
-            )
-        else:  # multi_modal_projector.*, image_newline
-            name = k if layout == "legacy" else f"model.{k}"
-        out[name] = v.detach().contiguous().cpu()
-    return out
+    if layout not in ("legacy", "new"):
+        raise ValueError(f"layout must be 'legacy' or 'new', not {layout!r}")
+    return weights.to_layout(_saved_state(model), f"hf_{layout}")
+
+
+def _saved_state(model: LlavaModel) -> dict[str, torch.Tensor]:
+    """The model's state dict as a checkpoint holds it: a tied LM head is not stored."""
+    tied = model.config.text.tie_word_embeddings
+    return {k: v for k, v in model.state_dict().items() if not (tied and k == "language_model.lm_head.weight")}
 
 
 def save_llava_hf(
@@ -155,29 +100,15 @@ def save_llava_original(
     vdir = Path(vision_dir) if vision_dir is not None else out / "vision_tower"
     vdir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    lm, tower = {}, {}
-    for k, v in model.state_dict().items():
-        v = v.detach().contiguous().cpu()
-        if k.startswith("language_model.lm_head."):
-            if not cfg.text.tie_word_embeddings:
-                lm[k[len("language_model.") :]] = v
-        elif k.startswith("language_model."):
-            lm["model." + k[len("language_model.") :]] = v
-        elif k.startswith("multi_modal_projector.linear_"):
-            idx, param = k[len("multi_modal_projector.linear_") :].split(".")
-            name = "model.mm_projector." + (
-                f"{param}" if cfg.projector_type == "linear" else f"{2 * (int(idx) - 1)}.{param}"
-            )
-            lm[name] = v
-        elif k == "image_newline":
-            lm["model.image_newline"] = v
-        elif k.startswith("vision_tower."):
-            tower["vision_model." + k[len("vision_tower.") :]] = v
+    state = _saved_state(model)
+    tower = {k: v for k, v in state.items() if k.startswith("vision_tower.")}
+    lm = {k: v for k, v in state.items() if k not in tower}
+    tower, lm = weights.to_layout(tower, weights.VISION), weights.to_layout(lm, weights.LLAVA, cfg.projector_type)
     save_file(lm, str(out / "model.safetensors"), metadata={"format": "pt"})
     save_file(tower, str(vdir / "model.safetensors"), metadata={"format": "pt"})
     vtype = "SiglipVisionModel" if cfg.vision.is_siglip else "CLIPVisionModel"
-    (vdir / "config.json").write_text(json.dumps({"architectures": [vtype], **_vision_dict(cfg)}, indent=2))
-    text = _text_dict(cfg)
+    (vdir / "config.json").write_text(json.dumps({"architectures": [vtype], **cfg.vision.to_hf_dict()}, indent=2))
+    text = cfg.text.to_hf_dict()
     llava_type = {"llama": "llava_llama", "mistral": "llava_mistral", "qwen2": "llava_qwen"}[cfg.text.model_type]
     arch = {"llama": "LlavaLlamaForCausalLM", "mistral": "LlavaMistralForCausalLM", "qwen2": "LlavaQwenForCausalLM"}
     config = {

@@ -30,3 +30,7 @@ def load_pretrained_model(*args, **kwargs):
 
 
 __all__ = ["load_pretrained_model", "set_kernels", "get_kernels", "__version__"]
+
+# ``LlavaModel.generate`` is the padded API over the engine; the model package never imports the engine, so the
+# adapter installs itself on the model class when imported (here, before any model can be built).
+from fastllava import generation as _generation  # noqa: E402, F401

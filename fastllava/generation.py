@@ -1,11 +1,17 @@
-"""Sampling and the static-batch generate loop behind ``LlavaModel.generate``.
+"""``model.generate(...)``: LLaVA's and transformers' padded generate, a thin adapter over the engine.
 
-Sampling is batched and free of per-request host syncs: every row carries its own temperature, top-p,
-top-k and seed as tensors. Randomness is a counter-based hash of (seed, step, token id), turned into Gumbel
-noise, so a request samples the same tokens whatever batch it runs in (batch invariance, reproducible seeds).
+As vLLM's ``LLM.generate`` is over ``LLMEngine``: the padded batch is split into one request per row (masked
+columns dropped, images given to rows in order: ``LlavaModel.split_padded``), every request is queued at once
+in an engine sized for this call (all prompts prefill in the first step, the KV cache holds every row to its
+last token, so nothing is chunked or preempted and every running row decodes one token per step), and the
+engine runs to completion. The decode itself (paged KV cache, batched decode, sampling) is the engine's.
 
-The loop: one packed prefill writes every prompt's K/V into a paged cache, then one batched decode step per
-token through paged attention. The continuous-batching engine reuses the same pieces with a scheduler.
+What transformers' loop does between steps and the engine does not is done here, per step: ``streamer.put`` of
+one token per row, stop strings (LLaVA's ``KeywordsStoppingCriteria`` rule) and ``stopping_criteria``; a row
+they stop is aborted in the engine. Rows that finished are padded with ``pad_token_id`` in the output.
+
+The model package never imports the engine (it sits above the model); importing ``fastllava`` installs this
+module's ``llava_generate`` as ``LlavaModel.generate``.
 """
 
 from __future__ import annotations
@@ -14,70 +20,14 @@ import math
 
 import torch
 
+from fastllava.engine import EngineConfig, EngineImage, LLMEngine, SamplingParams
 from fastllava.mm_utils import StopStrings
-from fastllava.model.language import AttnMetadata, KVCache
-from fastllava.packing import PackedBatch
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_C1, _C2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
-
-
-def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 finaliser on int64 tensors (multiplication wraps mod 2^64)."""
-    x = x ^ _shr(x, 30)
-    x = x * _C1
-    x = x ^ _shr(x, 27)
-    x = x * _C2
-    return x ^ _shr(x, 31)
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B, V] uniforms in (0, 1), a pure function of (seed, step, token id)."""
-    key = _mix64(seeds.long() * _GOLDEN + steps.long())  # (B,)
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.long)
-    bits = _mix64(key[:, None] ^ (ids[None, :] * _C2))
-    u = (_shr(bits, 11).double() + 0.5) / float(1 << 53)
-    return u
-
-
-def sample(
-    logits: torch.Tensor,  # (B, V)
-    temperature: torch.Tensor,  # (B,) 0 = greedy
-    top_p: torch.Tensor,  # (B,) 1.0 = off
-    top_k: torch.Tensor,  # (B,) 0 = off
-    seeds: torch.Tensor,  # (B,) int64
-    steps: torch.Tensor,  # (B,) int64, tokens generated so far
-) -> torch.Tensor:
-    """Next token per row: greedy where temperature is 0, else a sample from the temperature-scaled,
-    top-k and top-p filtered distribution (Gumbel-max over the kept tokens)."""
-    logits = logits.float()
-    greedy = logits.argmax(-1)
-    scaled = logits / temperature.clamp(min=1e-5)[:, None]
-    sorted_logits, order = scaled.sort(-1, descending=True)  # (B, V)
-    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
-    probs = sorted_logits.softmax(-1)
-    # nucleus: drop a token when the mass before it already reaches top_p (always keeps the first)
-    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logits.shape[-1]))).float()
-    choice = (sorted_logits + gumbel.gather(1, order)).argmax(-1)
-    sampled = order.gather(1, choice[:, None]).squeeze(1)
-    return torch.where(temperature > 0, sampled, greedy)
+from fastllava.model.llava import LlavaModel, PaddedRows
+from fastllava.packing import expand_image_tokens, image_token_count
 
 
 def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
+    """transformers' order: the argument, else the tokenizer's EOS, else the model config's; ``[]``: none."""
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         if eos_token_id is None:
@@ -87,6 +37,33 @@ def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
+def engine_for(model, rows: PaddedRows, max_new_tokens: int, block_size: int = 16, **overrides) -> LLMEngine:
+    """An engine sized for one static batch: every prompt prefills in one step, the KV cache holds every row's
+    prompt + ``max_new_tokens`` (no preemption), no prefix cache and no CUDA graphs (built for one call), no
+    overlap (outputs arrive in the step that sampled them)."""
+    cfg = model.config
+    counts = [[image_token_count(cfg, im.size_hw) for im in imgs] for imgs in rows.images]
+    lens = [len(expand_image_tokens(ids, c, cfg.image_token_index)[0]) for ids, c in zip(rows.ids, counts, strict=True)]
+    config = EngineConfig(
+        block_size=block_size,
+        num_blocks=sum(math.ceil((n + max_new_tokens) / block_size) for n in lens),
+        max_num_seqs=len(lens),
+        max_num_batched_tokens=max(sum(lens), 1),
+        max_waiting_requests=len(lens),
+        max_waiting_tokens=max(sum(lens), 1),
+        enable_prefix_caching=False,
+        encoder_cache_rows=max(sum(map(sum, counts)), 1),
+        # transformers' generate does not stop at the context length either
+        max_model_len=max(cfg.text.max_position_embeddings, max(lens) + max_new_tokens),
+        cuda_graphs=False,
+        overlap_scheduling=False,
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return LLMEngine(model, None, config)
+
+
+@torch.no_grad()
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -114,93 +91,107 @@ def generate(
     (rows that finished early are padded with ``pad_token_id``, default the first EOS id or 0).
 
     Stops a row at EOS or when its decoded text contains one of ``stop_strings`` (needs ``tokenizer``).
-    ``temperature == 0`` or ``do_sample=False`` is greedy. ``images`` + ``image_sizes`` as (W, H) is LLaVA's
-    call, ``pixel_values`` + (H, W) transformers'. ``stopping_criteria`` (transformers' / LLaVA's
+    ``temperature == 0`` or ``do_sample=False`` is greedy; ``seed`` (default: drawn from torch's generator, so
+    ``torch.manual_seed`` makes a call reproducible) seeds every row. ``images`` + ``image_sizes`` as (W, H) is
+    LLaVA's call, ``pixel_values`` + (H, W) transformers'. ``stopping_criteria`` (transformers' / LLaVA's
     ``KeywordsStoppingCriteria``) are called as transformers calls them: with prompt + generated ids
-    ``[B, L + n]`` and the last logits, returning a bool or a ``[B]`` bool tensor. ``streamer`` gets
-    ``put(prompt ids)``, ``put(token [B])`` per step and ``end()``, as transformers' streamers expect.
-    ``use_cache``, ``position_ids`` and the other keywords transformers' generate takes are ignored.
+    ``[B, L + n]`` and the step's logits ``[B, V]`` (zeros for rows that finished), returning a bool or a ``[B]``
+    bool tensor. ``streamer`` gets ``put(prompt ids)``, ``put(token [B])`` per step and ``end()``, as
+    transformers' streamers expect. ``use_cache``, ``position_ids`` and the other keywords transformers' generate
+    takes are ignored; ``num_beams`` other than 1 is an error (beam search is not supported).
     """
     if num_beams != 1:
         raise ValueError("beam search is not supported; use num_beams=1 (LLaVA's default)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer to decode the generated text")
-    device = model.device
-    batch, _ = model._pack_padded(input_ids, attention_mask, images, image_sizes, None, pixel_values)
-    B = len(batch.seq_lens)
+    rows = model.split_padded(input_ids, attention_mask, images, image_sizes, pixel_values=pixel_values)
+    B = len(rows.ids)
     eos = _eos_ids(model, tokenizer, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-
-    # paged cache: each row owns a contiguous run of blocks, enough for prompt + new tokens
-    lens = batch.seq_lens
-    blocks_per_row = [math.ceil((n + max_new_tokens) / block_size) for n in lens]
-    max_blocks = max(blocks_per_row)
-    cache = KVCache(model.config.text, B * max_blocks, block_size, device, model.dtype)
-    block_tables = torch.arange(B * max_blocks, device=device, dtype=torch.int32).view(B, max_blocks)
-    row = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(lens, device=device))
-    slots = row * max_blocks * block_size + batch.position_ids  # rows' blocks are contiguous
-    meta = AttnMetadata(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, slot_mapping=slots)
-    max_position = max(lens) + max_new_tokens
-    hidden = model.forward_packed(batch, meta, cache, max_position=max_position)
-    logits = model.logits(hidden[batch.last_token_index()])  # (B, V)
-
     greedy = not do_sample or temperature == 0
-    temp = torch.full((B,), 0.0 if greedy else float(temperature), device=device)
-    tp = torch.full((B,), float(top_p) if top_p is not None else 1.0, device=device)
-    tk = torch.full((B,), int(top_k) if top_k else 0, device=device, dtype=torch.long)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    seeds = torch.full((B,), int(seed), device=device, dtype=torch.long)
-    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    context = torch.tensor(lens, device=device, dtype=torch.long)
-    out: list[torch.Tensor] = []
+    params = SamplingParams(
+        max_tokens=max_new_tokens,
+        temperature=0.0 if greedy else float(temperature),
+        top_p=float(top_p) if top_p is not None else 1.0,
+        top_k=int(top_k) if top_k else 0,
+        seed=int(seed),
+        stop_token_ids=eos,
+    )
+    was_training = model.training
+    engine = engine_for(model, rows, max_new_tokens, block_size)
+    engine.runner.keep_logits = bool(stopping_criteria)
+    for b, (ids, imgs) in enumerate(zip(rows.ids, rows.images, strict=True)):
+        # content hashes need only tell this call's images apart (the engine lives for this call)
+        images_b = [EngineImage(im.pixel_values, im.size_hw, f"{b}.{j}") for j, im in enumerate(imgs)]
+        engine.add_request(str(b), ids, images_b, params)
+    try:
+        out = _run(engine, input_ids, B, pad, stop_strings, tokenizer, streamer, stopping_criteria)
+    finally:
+        model.train(was_training)  # the engine puts the model in eval mode
+    return torch.tensor(out, dtype=torch.long, device=model.device).T.contiguous()  # (B, n)
+
+
+def _run(engine: LLMEngine, input_ids, B: int, pad: int, stop_strings, tokenizer, streamer, stopping_criteria):
+    """Step the engine to completion; returns the columns of new ids (one per step, ``pad`` for finished rows)."""
+    device = engine.model.device
     stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
+    finished = [False] * B
+    columns: list[list[int]] = []
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    for step in range(max_new_tokens):
-        steps = torch.full((B,), step, device=device, dtype=torch.long)
-        # greedy: the argmax `sample` would return, without its full-vocabulary sort and noise
-        token = logits.argmax(-1) if greedy else sample(logits, temp, tp, tk, seeds, steps)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        out.append(token)
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if len(outputs) != finished.count(False):  # engine_for's sizing keeps the rows in lockstep
+            raise RuntimeError(f"{len(outputs)} rows produced a token for {finished.count(False)} running rows")
+        column = [pad] * B
+        for o in outputs:
+            b = int(o.request_id)
+            column[b] = o.new_token_ids[0]
+            finished[b] = o.finished
+        columns.append(column)
         if streamer is not None:
-            streamer.put(token.cpu())
-        if eos:
-            finished |= torch.isin(token, eos_t)
-        if stops is not None:  # decodes a short tail per row: one host sync per step, only when asked
-            ids = torch.stack(out, 1).tolist()
-            for b in range(B):
-                if stops.check(ids[b]):
-                    finished[b] = True
+            streamer.put(torch.tensor(column))
+        stop = [False] * B
+        if stops is not None:  # decodes a short tail per row
+            stop = [not finished[b] and stops.check([c[b] for c in columns]) for b in range(B)]
         if stopping_criteria:
-            full = torch.cat([input_ids.to(device), torch.stack(out, 1)], 1)  # (B, L + n), as transformers passes
+            full = torch.cat([input_ids.to(device), torch.tensor(columns, device=device).T], 1)  # (B, L + n)
+            scores = _step_logits(engine, B)
             for criterion in stopping_criteria:
-                finished |= torch.as_tensor(criterion(full, logits), device=device, dtype=torch.bool).expand(B)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        # decode step: one token per row at position `context`
-        slot = torch.arange(B, device=device) * max_blocks * block_size + context
-        step_batch = PackedBatch(
-            input_ids=token,
-            position_ids=context,
-            cu_seqlens=torch.arange(B + 1, device=device, dtype=torch.int32),
-            max_seqlen=1,
-            seq_lens=[1] * B,
-        )
-        context = context + 1
-        meta = AttnMetadata(
-            cu_seqlens=step_batch.cu_seqlens,
-            max_seqlen=1,
-            slot_mapping=slot,
-            block_tables=block_tables,
-            context_lens=context,
-            decode=True,
-        )
-        hidden = model.forward_packed(step_batch, meta, cache, max_position=max_position)
-        logits = model.logits(hidden)
+                hit = torch.as_tensor(criterion(full, scores), dtype=torch.bool).expand(B).tolist()
+                stop = [s or h for s, h in zip(stop, hit, strict=True)]
+        for b in range(B):
+            if stop[b] and not finished[b]:
+                engine.abort_request(str(b))
+                finished[b] = True
     if streamer is not None:
         streamer.end()
-    return torch.stack(out, 1)
+    return columns
+
+
+def _step_logits(engine: LLMEngine, B: int) -> torch.Tensor:
+    """The last step's logits ``[B, V]`` in row order (zeros for rows that did not run)."""
+    requests, logits = engine.runner.last_logits
+    scores = logits.new_zeros(B, logits.shape[-1])
+    scores[[int(r.request_id) for r in requests]] = logits
+    return scores
+
+
+def llava_generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs) -> torch.Tensor:
+    """Generate new tokens; returns only the new ids ``[B, n]`` (LLaVA passes embeddings to HF ``generate``, so it
+    too returns only new tokens). ``inputs`` is LLaVA's name for the prompt ids (``input_ids=`` works too). See
+    ``fastllava.generation.generate`` for the keywords."""
+    if inputs is None:
+        inputs = kwargs.pop("input_ids", None)
+    if inputs is None:
+        raise ValueError("generate needs the prompt ids (inputs= or input_ids=); inputs_embeds is not supported")
+    return generate(self, inputs, images=images, image_sizes=image_sizes, **kwargs)
+
+
+LlavaModel.generate = llava_generate

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from fastllava import load_pretrained_model
 from fastllava.constants import IMAGE_TOKEN_INDEX
-from fastllava.generation import sample, uniform_noise
+from fastllava.engine.sampling import sample, uniform_noise
 from fastllava.image_io import ImageLoadError, load_image
 from fastllava.model.checkpoint import CheckpointError
 from fastllava.model.export import save_llava_hf

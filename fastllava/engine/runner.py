@@ -98,6 +98,8 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if bucketed:
             try:
+        self.keep_logits = False  # set by model.generate for transformers' stopping_criteria, which read logits
+        self.last_logits: tuple[list[Request], torch.Tensor] | None = None  # the last launch's rows and (B, V)
                 self.decode_graphs = DecodeGraphs(
                     model,
                     self.kv,
@@ -148,6 +150,8 @@ class ModelRunner:
         sampled = self.sampler(rows, sampling)  # (B,) on the device
         self._prev_sampled = sampled
         if sampled.device.type != "cuda":
+        if self.keep_logits:
+            self.last_logits = (sampling, rows)
             return StepHandle(sampling, sampled, None)
         host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
         host.copy_(sampled, non_blocking=True)

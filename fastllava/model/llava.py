@@ -6,8 +6,9 @@
   3. one varlen scatter writes them into the embedding stream at their slots;
   4. the language model runs on the flat stream with varlen attention.
 
-``forward(input_ids, attention_mask, images, image_sizes, labels)`` and ``generate(...)`` are the LLaVA-style
-padded API: thin adapters that pack, run and unpack.
+``forward(input_ids, attention_mask, images, image_sizes, labels)`` is the LLaVA-style padded API: a thin
+adapter that packs, runs and unpacks. ``model.generate(...)`` is the padded API over the engine; it lives in
+``fastllava/generation.py`` (the engine sits above the model, which never imports it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ from fastllava.model.llava_compat import LlavaCompatMixin
 from fastllava.model.projector import Projector
 from fastllava.model.vision import VisionTower
 from fastllava.packing import ImageInput, PackedBatch, image_token_count, pack, shifted_targets
+
+
+@dataclass
+class PaddedRows:
+    """A padded batch split into its sequences: token ids, images, and each kept token's column."""
+
+    ids: list[list[int]]
+    images: list[list[ImageInput]]
+    positions: list[list[int]]
+    labels: list[list[int]] | None = None
 
 
 @dataclass
@@ -160,8 +171,11 @@ class LlavaModel(LlavaCompatMixin, nn.Module):
             out.append(ImageInput(px.to(self.device), size_hw))
         return out
 
-    def _pack_padded(self, input_ids, attention_mask, images, image_sizes, labels, pixel_values=None):
-        """Split a padded [B, L] batch into per-sequence lists, assign images in order, and pack.
+    def split_padded(
+        self, input_ids, attention_mask=None, images=None, image_sizes=None, labels=None, pixel_values=None
+    ) -> PaddedRows:
+        """Split a padded ``[B, L]`` batch into its sequences (masked columns dropped) and give each row its images,
+        in order: one per ``IMAGE_TOKEN_INDEX`` placeholder, or per image-token run in llava-hf prompts.
 
         ``images`` is LLaVA's argument (``image_sizes`` as (W, H)), ``pixel_values`` transformers' ((H, W)).
         """
@@ -174,10 +188,10 @@ class LlavaModel(LlavaCompatMixin, nn.Module):
             img_inputs = self.images_to_inputs(pixel_values, image_sizes, sizes_order="hw")
         else:
             img_inputs = self.images_to_inputs(images, image_sizes, sizes_order="wh")
-        seqs, seq_labels, seq_images, positions = [], [], [], []
+        rows = PaddedRows([], [], [], [] if labels is not None else None)
         img = 0
         hf_token = self.config.image_token_index
-        counts_cache: dict[int, int] = {}
+        counts_cache: dict[tuple[int, int], int] = {}
         for b, row in enumerate(ids_host):
             keep = [j for j in range(len(row)) if mask_host is None or mask_host[b][j]]
             ids = [row[j] for j in keep]
@@ -190,21 +204,27 @@ class LlavaModel(LlavaCompatMixin, nn.Module):
                     size = img_inputs[img + n_imgs].size_hw
                     if size not in counts_cache:
                         counts_cache[size] = image_token_count(self.config, size)
-                    c = counts_cache[size]
-                    n_tokens -= c
+                    n_tokens -= counts_cache[size]
                     n_imgs += 1
             else:
                 n_imgs = n_placeholders
-            seqs.append(ids)
-            seq_images.append(img_inputs[img : img + n_imgs])
+            rows.ids.append(ids)
+            rows.images.append(img_inputs[img : img + n_imgs])
             img += n_imgs
             if lab_host is not None:
-                seq_labels.append([lab_host[b][j] for j in keep])
-            positions.append(keep)
+                rows.labels.append([lab_host[b][j] for j in keep])
+            rows.positions.append(keep)
         if img != len(img_inputs):
             raise ValueError(f"{len(img_inputs)} images given but the prompts use {img}")
-        batch = pack(seqs, seq_images, self.config, labels=seq_labels if labels is not None else None)
-        return batch.to(self.device), positions
+        return rows
+
+    def pack_padded(
+        self, input_ids, attention_mask=None, images=None, image_sizes=None, labels=None, pixel_values=None
+    ) -> tuple[PackedBatch, list[list[int]]]:
+        """A padded batch (see ``split_padded``) packed on the model's device, and each kept token's column."""
+        rows = self.split_padded(input_ids, attention_mask, images, image_sizes, labels, pixel_values)
+        batch = pack(rows.ids, rows.images, self.config, labels=rows.labels)
+        return batch.to(self.device), rows.positions
 
     def forward(
         self,
@@ -224,7 +244,7 @@ class LlavaModel(LlavaCompatMixin, nn.Module):
         ``image_sizes`` as (H, W) is transformers' call (its processor's output, unpacked with ``**``)."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        batch, positions = self._pack_padded(input_ids, attention_mask, images, image_sizes, labels, pixel_values)
+        batch, positions = self.pack_padded(input_ids, attention_mask, images, image_sizes, labels, pixel_values)
         hidden = self.forward_packed(batch)
         logits = self.logits(hidden)  # (T, V)
         expanded = bool((input_ids == IMAGE_TOKEN_INDEX).any())
@@ -247,16 +267,3 @@ class LlavaModel(LlavaCompatMixin, nn.Module):
             keep = targets != IGNORE_INDEX
             loss = F.cross_entropy(logits[keep].float(), targets[keep])
         return LlavaOutput(logits=out, loss=loss)
-
-    @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs) -> torch.Tensor:
-        """Generate new tokens; returns only the new ids ``[B, n]`` (LLaVA passes embeddings to HF
-        ``generate``, so it too returns only new tokens). ``inputs`` is LLaVA's name for the prompt ids
-        (``input_ids=`` works too). See ``fastllava.generation.generate`` for the keywords."""
-        from fastllava.generation import generate
-
-        if inputs is None:
-            inputs = kwargs.pop("input_ids", None)
-        if inputs is None:
-            raise ValueError("generate needs the prompt ids (inputs= or input_ids=); inputs_embeds is not supported")
-        return generate(self, inputs, images=images, image_sizes=image_sizes, **kwargs)

@@ -13,8 +13,8 @@ LLaVA's own ``model_worker.py``, LLaVA-Med style tools and research scripts call
 
 ``LlavaCompatMixin`` gives ``LlavaModel`` that surface without branches in the model: the vision tower and
 the inner model are *views* (plain objects, no parameters of their own) over our modules, so there is one set
-of weights and one forward. ``encode_images`` and ``generate`` live on the model itself (``llava.py``), with
-LLaVA's signatures.
+of weights and one forward. ``encode_images`` lives on the model itself (``llava.py``) and ``generate`` in
+``fastllava/generation.py`` (an adapter over the engine), with LLaVA's signatures.
 
 Differences from LLaVA, on purpose: the tower is loaded with the model (``is_loaded`` is always True and
 ``load_model()`` does nothing); ``prepare_inputs_labels_for_multimodal`` runs our packed path (one tower call
@@ -252,7 +252,7 @@ class LlavaCompatMixin:
             used = [i for i, n in enumerate(per_row) if n == 1]
             images = [images[i] for i in used]
             image_sizes = [image_sizes[i] for i in used] if image_sizes is not None else None
-        batch, _ = self._pack_padded(input_ids, mask, images, image_sizes, labels)
+        batch, _ = self.pack_padded(input_ids, mask, images, image_sizes, labels)
         embeds = self.embed(batch)  # (T, D)
         lens, starts = batch.seq_lens, batch.cu_seqlens.tolist()
         limit = getattr(self.config, "tokenizer_model_max_length", None)

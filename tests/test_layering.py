@@ -3,7 +3,9 @@
 - nothing in `fastllava/` or `kernels/` imports `train`, `serve`, `eval` or `bench` (bare or as `fastllava.*`);
 - `kernels/` imports only torch/triton/stdlib and its own `fastllava.kernels.*` modules;
 - web frameworks (fastapi, uvicorn, gradio) are imported only under `serve/`;
-- no `trust_remote_code=True` anywhere in the library.
+- no `trust_remote_code=True` anywhere in the library;
+- the model package (`fastllava/model/`) imports neither the engine nor `fastllava.generation` (the padded
+  `generate` is an adapter over the engine, above the model).
 """
 
 from __future__ import annotations
@@ -82,6 +84,16 @@ def test_no_bare_imports_of_our_generic_names_in_library():
     assert not bad, "\n".join(bad)
 
 
+def test_model_never_imports_the_engine_or_generation():
+    bad = []
+    for f in _files("fastllava/model"):
+        for line, mod in _imports(f):
+            if mod == "fastllava.generation" or mod == "fastllava.engine" or mod.startswith("fastllava.engine."):
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports {mod}")
+    assert not bad, "the model sits below the engine:\n" + "\n".join(bad)
+    assert any(_files("fastllava/model")), "the model package moved: point this test at it"
+
+
 def test_no_trust_remote_code():
     hits = [
         str(f.relative_to(ROOT))
@@ -101,7 +113,11 @@ def _is_stdlib(name: str) -> bool:
 def test_the_checker_catches_a_violation(tmp_path):
     """The walker must see a forbidden import (guards against a checker that can never fail)."""
     f = tmp_path / "bad.py"
-    f.write_text("import os\nfrom fastllava.serve import cli\nimport kernels.rms_norm\n")
+    f.write_text(
+        "import os\nfrom fastllava.serve import cli\nimport kernels.rms_norm\n"
+        "def generate():\n    from fastllava.generation import generate\n"
+    )
     mods = [m for _, m in _imports(f)]
     assert "fastllava.serve" in mods and "kernels.rms_norm" in mods
+    assert "fastllava.generation" in mods  # an import inside a function counts too
     assert _top("fastllava.serve") == ("fastllava", "serve")

@@ -23,8 +23,10 @@ import torch
 from safetensors.torch import save_file
 
 from fastllava.model import checkpoint as ckpt
+from fastllava.model import weights
 
-GROWABLE = ("model.embed_tokens.weight", "lm_head.weight")  # rows added for new tokens (LLaVA's <im_*> tokens)
+# rows added for new tokens (LLaVA's <im_*> tokens): the embedding and LM head, under LLaVA's key names
+GROWABLE = tuple(weights.LLAVA.to_theirs(f"language_model.{n}.weight") for n in ("embed_tokens", "lm_head"))
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = (ckpt.SAFE_INDEX, ckpt.BIN_INDEX)
 

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import GPU, MODES, BenchSession, Case, Gate, Impl
-
-HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+from fastllava.optional import HAS_LIGER
 
 EPS = 1e-6
 IMAGE_TOKEN_ID = 32000  # llava-hf's <image> id; only compared, never embedded

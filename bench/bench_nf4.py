@@ -29,7 +29,6 @@ double the reference's time (as in bench_kernels.py).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -43,9 +42,8 @@ from fastllava.config import TextConfig
 from fastllava.csrc.nf4 import CUDA_GEMV_MAX_ROWS, cuda_gemv_status, nf4_gemv
 from fastllava.kernels import NestedAbsmax, nf4_matmul, nf4_matmul_ref
 from fastllava.model.language import AttnMetadata, KVCache, LanguageModel
+from fastllava.optional import HAS_BITSANDBYTES as HAS_BNB
 from fastllava.quantization import dequantize_nf4, quantize_model_, quantize_nf4
-
-HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 BLOCKSIZE = 64
 # (N, K) per Llama-7B projection on GPU; the same aspect ratios, small, on CPU.

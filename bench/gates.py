@@ -21,10 +21,11 @@ shapes or another dtype is reported as stale and not compared. The file changes 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastllava import envs
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 GPU = ("h100", "h200")  # the device kinds the kernel targets were set for
@@ -157,7 +158,7 @@ def _jsonable(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------- baseline files
 def baseline_path(device_kind: str, directory: Path | str | None = None) -> Path:
-    directory = Path(directory or os.environ.get("FASTLLAVA_BENCH_BASELINES", BASELINE_DIR))
+    directory = Path(directory or envs.FASTLLAVA_BENCH_BASELINES or BASELINE_DIR)
     return directory / f"{device_kind}.json"
 
 

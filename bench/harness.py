@@ -94,6 +94,7 @@ from bench.gates import (
     update_baselines,
 )
 from bench.timing import TimingConfig, copy_step, make_step, measure, peak_memory, quantile, summarize, sync
+from fastllava import envs
 
 __all__ = [
     "ANY_GPU",
@@ -164,7 +165,7 @@ class GateFailure(AssertionError):
 # --------------------------------------------------------------------------------------------- environment
 def device_kind(device: torch.device) -> str:
     """``cpu``, ``h100``, ``h200``, ``a100``, ... (env ``FASTLLAVA_BENCH_DEVICE_KIND`` overrides)."""
-    override = os.environ.get("FASTLLAVA_BENCH_DEVICE_KIND")
+    override = envs.FASTLLAVA_BENCH_DEVICE_KIND
     if override:
         return override
     if device.type != "cuda":

@@ -18,13 +18,14 @@ import warnings
 
 import torch
 
+from fastllava.kernels import envs
 from fastllava.kernels.nf4_dequantize import NestedAbsmax, codebook
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nf4_gemv.cu")
 CUDA_GEMV_MAX_ROWS = 8
 
 # Availability: the build is attempted lazily, once per process; the outcome is kept here.
-CUDA_GEMV_ENABLED = os.environ.get("FASTLLAVA_NF4_CUDA", "1") != "0"
+CUDA_GEMV_ENABLED = envs.FASTLLAVA_NF4_CUDA
 _ext = None
 _build_error: str | None = None
 
@@ -45,7 +46,7 @@ def _load_extension():
                 name="fastllava_nf4_gemv",
                 sources=[_SOURCE],
                 extra_cuda_cflags=["-O3", "-lineinfo"],
-                verbose=os.environ.get("FASTLLAVA_VERBOSE_BUILD", "0") == "1",
+                verbose=envs.FASTLLAVA_VERBOSE_BUILD,
             )
         except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as err:
             _build_error = f"{type(err).__name__}: {err}"

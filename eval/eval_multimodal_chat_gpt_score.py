@@ -18,15 +18,15 @@ fits; LLaVA-Med sends it whole and the request fails. Replies are appended as th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from copy import deepcopy
 from pathlib import Path
 
+from fastllava.optional import HAS_TIKTOKEN
+
 from .answers import read_jsonl
 from .gpt_review import Judge, _judge, _judge_args, parse_score
 
-HAS_TIKTOKEN = importlib.util.find_spec("tiktoken") is not None
 ROLE = "Assistant"
 # LLaVA-Med's texts, as they are (the system prompt's leading quote included: its published scores used it)
 SYSTEM = "'You are a helpful and precise assistant for checking the quality of the answer."

@@ -17,7 +17,6 @@ model score over the mean reference score, in % (failed parses count as ``[-1, -
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import re
@@ -27,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fastllava import envs
+from fastllava.optional import HAS_OPENAI
+
 from .answers import read_jsonl
 
 log = logging.getLogger(__name__)
 
-HAS_OPENAI = importlib.util.find_spec("openai") is not None
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
 _LLAVA_BENCH_RULE = (
     "We would like to request your feedback on the performance of two AI assistants in response to the user "
@@ -54,11 +55,9 @@ def openai_client(base_url: str | None, api_key: str | None = None, timeout: flo
     """An ``openai.OpenAI`` client for ``base_url`` (None: the OpenAI API, key from ``OPENAI_API_KEY``)."""
     if not HAS_OPENAI:
         raise ImportError("GPT review needs the openai client: pip install openai (or pip install 'fastllava[eval]')")
-    import os
-
     import openai
 
-    key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers accept any key
+    key = api_key or envs.OPENAI_API_KEY or "EMPTY"  # local servers accept any key
     return openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
 

@@ -11,12 +11,11 @@ mean is defined for any number; with 10, the scores are LLaVA's).
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 
-from .vqa_eval import answer_scores, normalize_answer
+from fastllava.optional import HAS_PYCOCOEVALCAP
 
-HAS_PYCOCOEVALCAP = importlib.util.find_spec("pycocoevalcap") is not None
+from .vqa_eval import answer_scores, normalize_answer
 
 
 class EvalAIAnswerProcessor:

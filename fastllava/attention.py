@@ -25,12 +25,18 @@ to run automatically on the tensors' device):
   sync). What ``auto`` picks on CPU, where a packed training batch would otherwise pay for the whole T x T mask.
 
 ``auto`` on CUDA: flash > triton > flex > xformers > sdpa; on CPU: sdpa_padded.
+
+Decode: each backend declares its paged path in the same registry (``register_backend(paged=...)``). ``sdpa``
+(the reference) and ``triton`` (``kernels/paged_attention.py``) have one; ``flash``, ``flex``, ``xformers`` and
+``sdpa_padded`` declare ``decode_with="sdpa"`` instead, and the first decode through each logs a warning saying
+so (name ``triton`` at decode for the paged kernel). ``auto`` decodes with the Triton kernel on CUDA, the
+reference elsewhere. A backend with neither raises a ``ValueError`` at decode.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +44,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastllava.kernels.dispatch import HAS_TRITON, get_kernels, triton_interpreting
+from fastllava import optional
+from fastllava.kernels.dispatch import get_kernels, triton_interpreting
+from fastllava.optional import HAS_FLASH_ATTN, HAS_FLEX, HAS_TRITON, HAS_XFORMERS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,11 +61,9 @@ class Backend:
     supports_window: bool = False
     devices: tuple[str, ...] = ("cpu", "cuda")
     auto_devices: tuple[str, ...] | None = None  # devices where "auto" may pick it (None: all of `devices`)
-
-
-def package_available(name: str) -> bool:
-    """Availability flag for optional packages (flash_attn, xformers); import happens at use."""
-    return importlib.util.find_spec(name) is not None
+    # decode: paged(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window), its own paged-KV path
+    paged: Callable | None = None
+    decode_with: str | None = None  # no `paged` of its own: the backend that decodes for it (logged once)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -73,9 +81,28 @@ def register_backend(
     supports_window: bool = False,
     devices: tuple[str, ...] = ("cpu", "cuda"),
     auto_devices: tuple[str, ...] | None = None,
+    paged: Callable | None = None,
+    decode_with: str | None = None,
 ) -> None:
-    """Add (or replace) a varlen attention backend under ``name``."""
-    _BACKENDS[name] = Backend(name, fn, available, install_hint, priority, supports_window, devices, auto_devices)
+    """Add (or replace) an attention backend under ``name``.
+
+    ``fn`` is its varlen (prefill / training) attention. Decode over the paged KV cache runs ``paged`` when the
+    backend has one; a backend without one names the backend that decodes for it in ``decode_with`` (an
+    explicit choice, logged once at first use); with neither, asking it to decode raises a ``ValueError``.
+    """
+    if paged is not None and decode_with is not None:
+        raise ValueError(f"attention backend {name!r}: give a paged path or a decode_with backend, not both")
+    _BACKENDS[name] = Backend(
+        name, fn, available, install_hint, priority, supports_window, devices, auto_devices, paged, decode_with
+    )
+
+
+def get_backend(name: str) -> Backend:
+    """The registry entry of ``name`` (transformers' spellings accepted); ``ValueError`` for an unknown name."""
+    name = _ALIASES.get(name, name)
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -100,10 +127,8 @@ def resolve_backend(name: str | None, device: torch.device | str | None = None) 
             if dev.type in (b.auto_devices if b.auto_devices is not None else b.devices):
                 return candidate
         raise RuntimeError(f"no attention backend may run automatically on {dev.type}; registered: {sorted(_BACKENDS)}")
-    name = _ALIASES.get(name, name)
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
-    backend = _BACKENDS[name]
+    backend = get_backend(name)
+    name = backend.name
     if not backend.available(dev):
         raise RuntimeError(f"attention backend {name!r} is not available here: {backend.install_hint}")
     if dev is not None and dev.type not in backend.devices:
@@ -192,7 +217,29 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_
     return flash_attn_varlen_ref(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale, window)
 
 
-register_backend("sdpa", sdpa_varlen, install_hint="always available", priority=0, supports_window=True)
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    softmax_scale: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over a paged cache (the Triton kernel's own torch reference).
+
+    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hk, D]; block_tables [B, max_blocks] int32
+    (entries past a sequence's last block are ignored); context_lens [B] (keys 0..len-1, the new token's
+    own K/V included). Returns [B, Hq, D].
+    """
+    from fastllava.kernels.paged_attention import paged_attention_decode_ref
+
+    return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
+
+
+register_backend(
+    "sdpa", sdpa_varlen, install_hint="always available", priority=0, supports_window=True, paged=paged_attention_ref
+)
 
 
 def _padded_layout(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -249,12 +296,12 @@ register_backend(
     priority=5,
     supports_window=True,
     auto_devices=("cpu",),  # CUDA has real varlen kernels (flash, triton, flex); on CPU this beats the mask
+    decode_with="sdpa",  # one query per sequence: nothing to pad; the reference gathers each context
 )
 
 
 # --------------------------------------------------------------------------------------------- flex
 
-HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None  # torch >= 2.5
 _flex_compiled: Callable | None = None
 _flex_mask_cache: dict[str, tuple] = {}  # one entry: the last packed batch's BlockMask
 
@@ -329,10 +376,12 @@ register_backend(
     "flex",
     flex_varlen,
     available=lambda device=None: HAS_FLEX,
-    install_hint="needs torch >= 2.5 (torch.nn.attention.flex_attention): pip install -U torch",
+    install_hint="needs torch >= 2.5 (torch.nn.attention.flex_attention): "
+    + optional.install_hint("torch.nn.attention.flex_attention"),
     priority=20,
     supports_window=True,
     auto_devices=("cuda",),  # unfused on CPU: slower than sdpa there
+    decode_with="sdpa",  # no paged-KV FlexAttention here yet
 )
 
 
@@ -358,26 +407,32 @@ def triton_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, c
     return op(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale, window)
 
 
+def triton_paged(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=None, window=None):
+    from fastllava.kernels import paged_attention as pa  # at first use, like the varlen kernels
+
+    op = pa.paged_attention_decode_ref if get_kernels() == "torch" else pa.paged_attention_decode_triton
+    return op(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
+
+
 register_backend(
     "triton",
     triton_varlen,
     available=_triton_available,
-    install_hint="needs triton (pip install triton) and CUDA tensors, or TRITON_INTERPRET=1 set before importing "
-    "triton for CPU tensors",
+    install_hint=f"needs triton ({optional.install_hint('triton')}) and CUDA tensors, or TRITON_INTERPRET=1 set "
+    "before importing triton for CPU tensors",
     priority=30,
     supports_window=True,
     auto_devices=("cuda",),  # the interpreter is for tests, never picked automatically
+    paged=triton_paged,
 )
 
 
 # -------------------------------------------------------------------------------------------- flash
 
-HAS_FLASH_ATTN = package_available("flash_attn")
-
 
 def flash_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
     if not HAS_FLASH_ATTN:
-        raise RuntimeError("attention backend 'flash' needs flash-attn: pip install flash-attn")
+        raise RuntimeError(f"attention backend 'flash' needs flash-attn: {optional.install_hint('flash_attn')}")
     from flash_attn import flash_attn_varlen_func
 
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -405,21 +460,20 @@ register_backend(
     "flash",
     flash_varlen,
     available=lambda device=None: HAS_FLASH_ATTN,
-    install_hint="pip install flash-attn",
+    install_hint=optional.install_hint("flash_attn"),
     priority=40,
     supports_window=True,
     devices=("cuda",),
+    decode_with="sdpa",  # flash-attn's paged decode (flash_attn_with_kvcache) is not wired in
 )
 
 
 # ----------------------------------------------------------------------------------------- xformers
 
-HAS_XFORMERS = package_available("xformers")
-
 
 def xformers_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_seqlens_k=None, max_seqlen_k=None):
     if not HAS_XFORMERS:
-        raise RuntimeError("attention backend 'xformers' needs xformers: pip install xformers")
+        raise RuntimeError(f"attention backend 'xformers' needs xformers: {optional.install_hint('xformers')}")
     from xformers.ops import memory_efficient_attention
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
@@ -456,55 +510,50 @@ register_backend(
     "xformers",
     xformers_varlen,
     available=lambda device=None: HAS_XFORMERS,
-    install_hint="pip install xformers",
+    install_hint=optional.install_hint("xformers"),
     priority=10,
     supports_window=True,
     devices=("cuda",),
+    decode_with="sdpa",  # xformers has no paged-KV attention
 )
 
 
 # ---------------------------------------------------------------------------------- paged decode
 
 
-def paged_attention_ref(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    softmax_scale: float | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
-    """One query token per sequence over a paged cache (the Triton kernel's own torch reference).
+def resolve_paged_backend(name: str | None, device: torch.device | str | None = None) -> str:
+    """The backend whose paged path runs decode when ``name`` is asked for (see ``register_backend``).
 
-    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hk, D]; block_tables [B, max_blocks] int32
-    (entries past a sequence's last block are ignored); context_lens [B] (keys 0..len-1, the new token's
-    own K/V included). Returns [B, Hq, D].
+    ``None``/``"auto"``: the best backend with its own paged path that ``auto`` may pick on ``device`` (the
+    Triton kernel on CUDA, the reference otherwise). A backend without one decodes through its ``decode_with``
+    backend, logged once; with neither, a ``ValueError`` says so.
     """
-    from fastllava.kernels.paged_attention import paged_attention_decode_ref
+    dev = torch.device(device) if device is not None else None
+    if name in (None, "auto"):
+        dev = dev if dev is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for candidate in available_backends(dev):
+            b = _BACKENDS[candidate]
+            if b.paged is not None and dev.type in (b.auto_devices if b.auto_devices is not None else b.devices):
+                return candidate
+        raise RuntimeError(f"no paged attention backend may run automatically on {dev.type}")
+    backend = get_backend(resolve_backend(name, dev))
+    if backend.paged is not None:
+        return backend.name
+    if backend.decode_with is None:
+        raise ValueError(
+            f"attention backend {backend.name!r} has no paged (decode) path; decode with one that has: "
+            f"{sorted(n for n, b in _BACKENDS.items() if b.paged is not None)}"
+        )
+    if backend.name not in _decode_redirects_logged:
+        _decode_redirects_logged.add(backend.name)
+        log.warning(
+            "attention backend %r has no paged decode path: decode runs the %r backend's", backend.name,
+            backend.decode_with,
+        )  # fmt: skip
+    return resolve_paged_backend(backend.decode_with, dev)
 
-    return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
 
-
-_PAGED: dict[str, tuple[Callable, Callable[[torch.device | None], bool], str]] = {
-    "sdpa": (paged_attention_ref, lambda device=None: True, "always available"),
-}
-
-
-def register_paged_backend(
-    name: str, fn: Callable, available: Callable = lambda device=None: True, install_hint: str = ""
-) -> None:
-    _PAGED[name] = (fn, available, install_hint)
-
-
-def triton_paged(q, k_cache, v_cache, block_tables, context_lens, softmax_scale=None, window=None):
-    from fastllava.kernels import paged_attention as pa  # at first use, like the varlen kernels
-
-    op = pa.paged_attention_decode_ref if get_kernels() == "torch" else pa.paged_attention_decode_triton
-    return op(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
-
-
-register_paged_backend("triton", triton_paged, _triton_available, _BACKENDS["triton"].install_hint)
+_decode_redirects_logged: set[str] = set()
 
 
 def paged_attention(
@@ -517,14 +566,9 @@ def paged_attention(
     backend: str | None = "auto",
     window: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention over a paged KV cache; see ``paged_attention_ref`` for shapes."""
-    if backend in (None, "auto"):
-        name = "triton" if ("triton" in _PAGED and q.is_cuda and _PAGED["triton"][1](q.device)) else "sdpa"
-    else:
-        name = resolve_backend(backend, q.device) if backend not in _PAGED else backend
-        if name not in _PAGED:
-            name = "sdpa"  # varlen-only backends (flex, xformers) decode through the reference
-    fn, available, hint = _PAGED[name]
-    if not available(q.device):
-        raise RuntimeError(f"paged attention backend {name!r} is not available here: {hint}")
-    return fn(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
+    """Decode attention over a paged KV cache; see ``paged_attention_ref`` for shapes.
+
+    ``backend`` is the model's attention backend; ``resolve_paged_backend`` says which paged path serves it.
+    """
+    paged = _BACKENDS[resolve_paged_backend(backend, q.device)].paged
+    return paged(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fastllava import envs
+
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "llava-tiny-shapes-mistral-instruct"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FASTLLAVA_CACHE", Path.home() / ".cache" / "fastllava"))
+    return envs.FASTLLAVA_CACHE
 
 
 def default_model_path() -> Path:

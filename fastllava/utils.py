@@ -21,7 +21,7 @@ import os
 import urllib.error
 import urllib.request
 
-from fastllava import constants
+from fastllava import constants, envs
 
 server_error_msg = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
 moderation_msg = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def log_dir() -> str:
     """Where ``build_logger`` writes: ``$FASTLLAVA_LOGDIR``, else LLaVA's ``LOGDIR`` (the working directory)."""
-    return os.environ.get("FASTLLAVA_LOGDIR") or constants.LOGDIR
+    return envs.FASTLLAVA_LOGDIR or constants.LOGDIR
 
 
 def build_logger(logger_name: str, logger_filename: str, logdir: str | None = None) -> logging.Logger:
@@ -68,8 +68,8 @@ def violates_moderation(
 
     ``base_url`` defaults to ``$OPENAI_BASE_URL`` or ``https://api.openai.com/v1``, ``api_key`` to
     ``$OPENAI_API_KEY``. Newlines are dropped from the text first, as LLaVA does."""
-    base = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
-    key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+    base = (base_url or envs.OPENAI_BASE_URL or "https://api.openai.com/v1").rstrip("/")
+    key = api_key if api_key is not None else envs.OPENAI_API_KEY
     body = json.dumps({"input": text.replace("\n", "")}).encode("utf-8")
     headers = {"Content-Type": "application/json"}
     if key:

@@ -9,14 +9,16 @@ Modes (env `FASTLLAVA_KERNELS`, or `set_kernels()` at run time):
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
-MODES = ("auto", "triton", "torch")
+from fastllava.kernels import envs
+
+MODES = envs.KERNEL_MODES
+# the one optional-dependency flag outside fastllava/optional.py (which re-exports it): kernels/ may not import it
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-_mode = os.environ.get("FASTLLAVA_KERNELS", "auto").lower()
+_mode = envs.FASTLLAVA_KERNELS  # read once at import; set_kernels() switches at run time
 if _mode not in MODES:
     raise ValueError(f"FASTLLAVA_KERNELS={_mode!r}: expected one of {MODES}")
 
@@ -36,7 +38,7 @@ def get_kernels() -> str:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return envs.TRITON_INTERPRET
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -30,7 +30,6 @@ import contextlib
 import hmac
 import ipaddress
 import json
-import os
 import socket
 import time
 import uuid
@@ -38,6 +37,8 @@ import uuid
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fastllava import envs
 
 from . import protocol as P
 from .http_app import (
@@ -65,7 +66,7 @@ class Controller:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.registry = Registry(args.dispatch_method, args.heart_beat_expiration)
-        self.token = args.worker_token or os.environ.get("FASTLLAVA_WORKER_TOKEN") or None
+        self.token = args.worker_token or envs.FASTLLAVA_WORKER_TOKEN
         self.api_keys = api_keys_from(args.api_key)
         self.client: httpx.AsyncClient | None = None
         self.counters = {"requests": 0, "retries": 0, "failed_mid_stream": 0}

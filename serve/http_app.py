@@ -17,7 +17,6 @@ import asyncio
 import contextvars
 import hmac
 import logging
-import os
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -26,6 +25,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from fastllava import envs
 
 from .protocol import APIError, parse_json_body
 
@@ -47,7 +48,7 @@ def setup_logging(name: str, level: str | None = None) -> logging.Logger:
     handler.addFilter(_RequestIdFilter())
     logger = logging.getLogger(name)
     logger.handlers[:] = [handler]
-    logger.setLevel(level or os.environ.get("FASTLLAVA_LOG_LEVEL", "INFO"))
+    logger.setLevel(level or envs.FASTLLAVA_LOG_LEVEL)
     logger.propagate = False
     return logger
 
@@ -158,7 +159,7 @@ def install_error_handlers(app: FastAPI, logger: logging.Logger) -> None:
 def api_keys_from(args_keys: list[str] | None) -> list[str]:
     """API keys from ``--api-key`` (repeatable) or ``FASTLLAVA_API_KEYS`` (comma-separated)."""
     keys = list(args_keys or [])
-    keys += [k.strip() for k in os.environ.get("FASTLLAVA_API_KEYS", "").split(",") if k.strip()]
+    keys += envs.FASTLLAVA_API_KEYS
     return keys
 
 

@@ -89,6 +89,8 @@ def run_stack(args: argparse.Namespace) -> int:
     """Start controller, worker and web UI; block until a signal; stop them."""
     import tempfile
 
+    from fastllava import envs
+
     if args.model_path is None:
         from fastllava.default_model import default_model_path
 
@@ -97,7 +99,7 @@ def run_stack(args: argparse.Namespace) -> int:
     host = args.host
     cport, wport = args.controller_port or free_port(), args.worker_port or free_port()
     wport_ui = args.port
-    token = args.worker_token or os.environ.get("FASTLLAVA_WORKER_TOKEN") or secrets.token_hex(16)
+    token = args.worker_token or envs.FASTLLAVA_WORKER_TOKEN or secrets.token_hex(16)
     env = {**os.environ, "FASTLLAVA_WORKER_TOKEN": token}
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="fastllava-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)

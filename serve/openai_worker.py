@@ -22,13 +22,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from fastllava import envs
 from fastllava.constants import DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL
 from fastllava.conversation import Conversation, conv_templates, guess_conv_mode
 from fastllava.utils import server_error_msg
@@ -111,7 +111,7 @@ class OpenAIWorker:
         self.args = args
         self.engine = args.engine_url.rstrip("/")
         self.address = (args.worker_address or f"http://{args.host}:{args.port}").rstrip("/")
-        self.token = args.worker_token or os.environ.get("FASTLLAVA_WORKER_TOKEN")
+        self.token = args.worker_token or envs.FASTLLAVA_WORKER_TOKEN
         self.engine_headers = {"Authorization": f"Bearer {args.engine_api_key}"} if args.engine_api_key else {}
         self.engine_model = args.engine_model
         self.model_name = args.model_name

@@ -11,10 +11,11 @@ call comes from loopback. Exits 1 with the controller's error when registration 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import httpx
+
+from fastllava import envs
 
 WORKER_TOKEN_HEADER = "X-Worker-Token"
 
@@ -23,7 +24,7 @@ def register_worker(
     controller_address: str, worker_name: str, check_heart_beat: bool = False, token: str | None = None
 ) -> httpx.Response:
     """POST LLaVA's ``/register_worker`` body; returns the controller's response."""
-    token = token if token is not None else os.environ.get("FASTLLAVA_WORKER_TOKEN")
+    token = token if token is not None else envs.FASTLLAVA_WORKER_TOKEN
     headers = {WORKER_TOKEN_HEADER: token} if token else {}
     body = {"worker_name": worker_name, "check_heart_beat": check_heart_beat, "worker_status": None}
     return httpx.post(controller_address.rstrip("/") + "/register_worker", json=body, headers=headers, timeout=30)

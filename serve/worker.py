@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import os
 import threading
 import time
 import uuid
@@ -31,6 +30,8 @@ import uuid
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fastllava import envs
 
 from . import protocol as P
 from .backend import BackendConfig, Delta, EngineBackend, SamplingArgs
@@ -144,7 +145,7 @@ class WorkerServer:
             allowed_local_dir=args.allowed_local_image_dir,
         )
         self.api_keys = api_keys_from(args.api_key)
-        self.token = args.worker_token or os.environ.get("FASTLLAVA_WORKER_TOKEN") or None
+        self.token = args.worker_token or envs.FASTLLAVA_WORKER_TOKEN
         self.state = "loading"
         self.in_flight = 0
         self.metrics = WorkerMetrics(self)

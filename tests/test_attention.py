@@ -411,12 +411,59 @@ def test_paged_decode_equals_last_row_of_packed_prefill(backend):
 
 def test_paged_auto_uses_the_reference_on_cpu(monkeypatch):
     calls = []
-    fn, available, hint = A._PAGED["sdpa"]
-    monkeypatch.setitem(A._PAGED, "sdpa", (lambda *a: calls.append(1) or fn(*a), available, hint))
+    fn = A.get_backend("sdpa").paged
+    monkeypatch.setattr(A.get_backend("sdpa"), "paged", lambda *a: calls.append(1) or fn(*a))
     q = torch.randn(1, 2, 16)
     cache = torch.randn(2, 4, 2, 16)
     A.paged_attention(q, cache, cache, torch.tensor([[1]], dtype=torch.int32), torch.tensor([3]))
     assert calls == [1]
+
+
+def test_every_backend_declares_its_decode_path():
+    for name, b in A._BACKENDS.items():
+        assert (b.paged is None) != (b.decode_with is None), name
+    assert A.get_backend("sdpa").paged is A.paged_attention_ref
+    assert A.get_backend("triton").paged is A.triton_paged
+    for name in ("flash", "flex", "xformers", "sdpa_padded"):
+        assert A.get_backend(name).decode_with == "sdpa"
+
+
+def test_paged_backend_resolution(caplog):
+    assert A.resolve_paged_backend("auto", "cpu") == "sdpa"  # never the interpreter, never a redirect
+    assert A.resolve_paged_backend("sdpa", "cpu") == "sdpa"
+    if TRITON_CPU:
+        assert A.resolve_paged_backend("triton", "cpu") == "triton"
+    A._decode_redirects_logged.discard("sdpa_padded")
+    with caplog.at_level("WARNING", logger="fastllava.attention"):
+        assert A.resolve_paged_backend("sdpa_padded", "cpu") == "sdpa"
+        assert A.resolve_paged_backend("sdpa_padded", "cpu") == "sdpa"
+    notes = [r.getMessage() for r in caplog.records if "no paged decode path" in r.getMessage()]
+    assert notes == ["attention backend 'sdpa_padded' has no paged decode path: decode runs the 'sdpa' backend's"]
+    with pytest.raises(RuntimeError, match="pip install flash-attn" if not A.HAS_FLASH_ATTN else "cuda"):
+        A.resolve_paged_backend("flash_attention_2", "cpu")  # the varlen checks apply at decode too
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        A.resolve_paged_backend("nope", "cpu")
+
+
+def test_decode_with_a_backend_without_paged_path(monkeypatch):
+    lengths = [3, 9]
+    q, k, v, _ = make_qkv(lengths, lengths, 4, 2, 16, torch.float32, seed=5)
+    k_cache, v_cache, tables = fill_paged_cache(k, v, lengths, 4, num_blocks=8, seed=5)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    last = (cu(lengths)[1:] - 1).long()
+    monkeypatch.setitem(A._BACKENDS, "varlen_only", A.Backend("varlen_only", A.sdpa_varlen, lambda d=None: True, ""))
+    with pytest.raises(ValueError, match="'varlen_only' has no paged \\(decode\\) path"):
+        A.paged_attention(q[last], k_cache, v_cache, tables, lens, backend="varlen_only")
+    calls = []
+    A.register_backend("own_paged", A.sdpa_varlen, paged=lambda *a: calls.append(1) or A.paged_attention_ref(*a))
+    try:
+        got = A.paged_attention(q[last], k_cache, v_cache, tables, lens, backend="own_paged")
+    finally:
+        del A._BACKENDS["own_paged"]
+    assert calls == [1]
+    torch.testing.assert_close(got, A.paged_attention_ref(q[last], k_cache, v_cache, tables, lens))
+    with pytest.raises(ValueError, match="not both"):
+        A.register_backend("both", A.sdpa_varlen, paged=A.paged_attention_ref, decode_with="sdpa")
 
 
 # ------------------------------------------------------------------------------------ GPU (bf16)

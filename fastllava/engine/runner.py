@@ -86,7 +86,10 @@ class ModelRunner:
         bucketed = decode_max_batch > 0
         # the bucketed decode's padding rows write one scratch block past the block manager's (index num_blocks)
         kv_blocks = num_blocks + 1 if bucketed else num_blocks
-        self.kv = KVCache(self.cfg.text, kv_blocks, block_size, self.device, kv_dtype or model.dtype)
+        self.kv = KVCache(
+            self.cfg.text, kv_blocks, block_size, self.device, kv_dtype or model.dtype,
+            num_kv_heads=model.language_model.num_kv_heads,  # a tensor-parallel rank's share
+        )  # fmt: skip
         self.encoder_cache = encoder_cache
         self.images_encoded = 0
         self.vision_batches = 0

@@ -45,9 +45,15 @@ class KVCache:
     """Paged K/V storage for every layer: ``[num_blocks, block_size, Hk, D]`` each for K and V."""
 
     def __init__(
-        self, cfg: TextConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+        self,
+        cfg: TextConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_kv_heads: int | None = None,  # a tensor-parallel rank's share (LanguageModel.num_kv_heads)
     ) -> None:
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (num_blocks, block_size, num_kv_heads or cfg.num_key_value_heads, cfg.head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -153,6 +159,11 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_kv_heads(self) -> int:
+        """K/V heads the attention layers hold: the config's, or a tensor-parallel rank's share of them."""
+        return self.layers[0].self_attn.n_kv
 
     def set_attn_implementation(self, name: str) -> None:
         for layer in self.layers:

@@ -30,7 +30,7 @@ from fastllava.data.dataset import Sample, collate
 from fastllava.data.sampler import best_fit_decreasing
 from fastllava.packing import ImageInput
 from fastllava.tiny import build_tiny_llava, tiny_config
-from fastllava.train.parallel import TrainModule, swap_lm_head
+from fastllava.train.strategy import TrainModule
 
 
 def llava665k_lengths(n: int, seed: int = 0, scale: float = 1.0) -> list[tuple[int, bool]]:
@@ -139,7 +139,6 @@ def cpu_case():
     # the CPU default (`auto` = sdpa_padded: per-sequence attention). The dense-mask `sdpa` reference would make
     # packing look better than it is: 4.3-4.8x vs 1.8-2.3x here (2 cores), its [T, T] mask costing the packed arm
     model.set_attn_implementation("auto")
-    swap_lm_head(model, 1024, "chunked")
     samples = make_samples(cfg, llava665k_lengths(96, seed=0, scale=0.25))
     return "tiny-cpu", model, samples, 8, torch.device("cpu"), torch.float32
 
@@ -158,7 +157,6 @@ def gpu_case():
     with torch.device("cuda"):
         model = LlavaModel(cfg)
     model.vision_tower.requires_grad_(False)
-    swap_lm_head(model, 4096, "auto")
     samples = make_samples(cfg, llava665k_lengths(256, seed=0))
     return "7b-shaped-4-layers", model, samples, 16, torch.device("cuda"), torch.bfloat16
 

@@ -26,10 +26,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T + bias, target_i), gradients computed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, ignore_index: int):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, ignore_index: int, grad_enabled: bool):
         N = hidden.shape[0]
-        need_h, need_w = hidden.requires_grad, weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
+        # grad mode is off inside forward, and requires_grad stays set under no_grad: the caller says
+        need_h, need_w = grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
+        need_b = grad_enabled and bias is not None and bias.requires_grad
         grad_h = torch.empty_like(hidden) if need_h else None
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # softmax / accumulation dtype
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -67,7 +68,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -84,6 +85,10 @@ def linear_cross_entropy(
     ``impl``: ``auto`` (Liger on CUDA when installed, else ``chunked``), ``chunked``, ``liger``, ``eager``
     (plain logits + ``F.cross_entropy``; the test oracle).
     """
+    if impl not in ("auto", "chunked", "liger", "eager"):
+        raise ValueError(f"unknown impl {impl!r}: auto | chunked | liger | eager")
+    if hidden.shape[0] == 0:  # no target here (a rank's idle micro-batch): a zero that still reaches the weights
+        return (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
     if impl == "auto":
         impl = "liger" if HAS_LIGER and hidden.is_cuda else "chunked"
     if impl == "eager":
@@ -98,8 +103,6 @@ def linear_cross_entropy(
             hidden, weight, targets, bias, None, ignore_index, 0.0, 0.0, "sum"
         )
         return (out[0] if isinstance(out, tuple) else out).float()
-    if impl != "chunked":
-        raise ValueError(f"unknown impl {impl!r}: auto | chunked | liger | eager")
-    if hidden.shape[0] == 0:
-        return (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
-    return LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, chunk_size, ignore_index)
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, bias, targets, chunk_size, ignore_index, torch.is_grad_enabled()
+    )

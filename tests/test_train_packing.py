@@ -12,7 +12,7 @@ from fastllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from fastllava.losses import linear_cross_entropy
 from fastllava.packing import ImageInput, image_tiles, image_token_count, pack, shifted_targets
 from fastllava.tiny import build_tiny_llava, tiny_config
-from fastllava.train.parallel import TrainModule, swap_lm_head
+from fastllava.train.strategy import TrainModule
 
 
 def _sample(gen, cfg, n_text, sizes):
@@ -60,12 +60,11 @@ def test_packed_equals_one_by_one():
 
     # packed: one stream, the training path (TrainModule + fused linear CE at target rows only)
     model.zero_grad()
-    swap_lm_head(model, chunk_size=7, impl="chunked")
     packed = pack([s[0] for s in samples], [s[2] for s in samples], cfg, labels=[s[1] for s in samples])
     targets = shifted_targets(packed.labels, packed.cu_seqlens)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     assert rows.numel() == n_total
-    loss_sum = TrainModule(model)(packed, rows, targets[rows])
+    loss_sum = TrainModule(model, chunk_size=7, impl="chunked")(packed, rows, targets[rows])
     (loss_sum / n_total).backward()
     torch.testing.assert_close(loss_sum.detach(), torch.stack(per_sample).sum(), rtol=1e-5, atol=1e-5)
 

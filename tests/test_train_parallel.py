@@ -8,8 +8,8 @@
   unchanged, a warning logged); ``stop`` stops with the step named and a checkpoint that resumes onto the
   curve of a clean run.
 
-Tolerances: all runs here are fp32. The engines compute the same gradients as our bucketed all-reduce, but
-they average them over ranks (we rescale the loss by the world size) and reduce them in their own buckets /
+Tolerances: all runs here are fp32. The engines compute the same gradients as DDP's all-reduce (all of them
+average over ranks; the strategy rescales the loss by the world size) but reduce them in their own buckets /
 reduce-scatter order, so results differ only by fp32 summation order: ~1e-7 relative per reduction, a few
 1e-7 after 6 Adam steps (measured: 0 for ZeRO-2, 8e-8 for ZeRO-3 and FSDP2). 1e-5 relative is well above that
 noise and far below any real error (a dropped micro-batch or a missing 1/world moves the loss by >1e-3).
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from train_testing import make_work, train_args
 
-from fastllava.train import parallel
+from fastllava.train import strategy
 from fastllava.train.args import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ ENGINES = {
     "zero3": ("--deepspeed", str(REPO / "train" / "configs" / "zero3.json")),
     "fsdp2": ("--fsdp", "full_shard"),
 }
-needs_deepspeed = pytest.mark.skipif(not parallel.HAS_DEEPSPEED, reason="deepspeed not installed")
+needs_deepspeed = pytest.mark.skipif(not strategy.HAS_DEEPSPEED, reason="deepspeed not installed")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def _assert_same_weights(a: Path, b: Path, rtol: float = 1e-5, atol: float = 1e-
 
 @pytest.fixture(scope="module")
 def ddp_run(work):
-    """Plain data parallel over 2 processes (our bucketed all-reduce): the reference curve."""
+    """Plain data parallel over 2 processes (torch DDP): the reference curve."""
     _torchrun(work, "ddp")
     return _losses(work / "ddp")
 
@@ -150,14 +150,14 @@ def test_deepspeed_config_auto_values_resolved():
         ["--gradient_accumulation_steps", "4", "--max_grad_norm", "0.5", "--bf16", "True", "--output_dir", "x"]
     )
     for name, stage in (("zero2", 2), ("zero3", 3)):
-        cfg = parallel.deepspeed_config(REPO / "train" / "configs" / f"{name}.json", args, 8, 64)
+        cfg = strategy.deepspeed_config(REPO / "train" / "configs" / f"{name}.json", args, 8, 64)
         assert cfg["zero_optimization"]["stage"] == stage
         assert cfg["train_micro_batch_size_per_gpu"] == 1 and cfg["gradient_accumulation_steps"] == 4
         assert cfg["train_batch_size"] == 32 and cfg["gradient_clipping"] == 0.5
         assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
         assert "optimizer" not in cfg and "scheduler" not in cfg
         assert "auto" not in json.dumps(cfg)
-    zero3 = parallel.deepspeed_config(REPO / "train" / "configs" / "zero3.json", args, 8, 64)["zero_optimization"]
+    zero3 = strategy.deepspeed_config(REPO / "train" / "configs" / "zero3.json", args, 8, 64)["zero_optimization"]
     assert zero3["reduce_bucket_size"] == 64 * 64 and zero3["stage3_param_persistence_threshold"] == 640
     assert zero3["stage3_gather_16bit_weights_on_model_save"] is True
 
@@ -169,7 +169,7 @@ def _poison(monkeypatch, kinds: dict[int, str]) -> None:
     """Make micro-batch forward number ``i`` (1-based; one per step here) non-finite: ``"loss"`` returns NaN
     (so the gradients are NaN too), ``"grad"`` keeps the loss finite and makes its gradient infinite."""
     calls = [0]
-    forward = parallel.TrainModule.forward
+    forward = strategy.TrainModule.forward
 
     def poisoned(self, packed, target_rows, targets):
         calls[0] += 1
@@ -181,7 +181,7 @@ def _poison(monkeypatch, kinds: dict[int, str]) -> None:
             s.register_hook(lambda g: g * float("inf"))
         return s
 
-    monkeypatch.setattr(parallel.TrainModule, "forward", poisoned)
+    monkeypatch.setattr(strategy.TrainModule, "forward", poisoned)
 
 
 def _main(work: Path, out: str, *extra: str) -> None:

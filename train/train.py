@@ -13,8 +13,9 @@ LLaVA's arguments carry over (``--model_name_or_path --version --data_path --ima
 The loop, per optimizer step: take this rank's micro-batches of the global step (the sampler plans
 ``world_size * gradient_accumulation_steps`` of them), all-reduce their target count, and backpropagate each
 micro-batch's *summed* CE divided by the global count -- so the step optimises the mean over every target token
-of the global batch, whatever the packing or the split over ranks. Then sum gradients over ranks, clip, check
-loss and grad norm are finite (skip or stop), step, log ``{'loss': ...}``, checkpoint atomically.
+of the global batch, whatever the packing or the split over ranks. The strategy (``train/strategy.py``: one
+process, torch DDP, FSDP2 or DeepSpeed) reduces the gradients over ranks and clips; then check loss and grad norm
+are finite (skip or stop), step, log ``{'loss': ...}``, checkpoint atomically.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ if __package__ in (None, ""):
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
-from fastllava.data.dataset import SupervisedDataset, collate  # noqa: E402
+from fastllava.data.dataset import SupervisedDataset, TrainBatch, collate  # noqa: E402
 from fastllava.data.sampler import MicroBatchSampler  # noqa: E402
+from fastllava.packing import pack  # noqa: E402
 from fastllava.train import checkpointing as ckpt  # noqa: E402
-from fastllava.train import modeling, parallel  # noqa: E402
+from fastllava.train import modeling  # noqa: E402
 from fastllava.train.args import parse_args  # noqa: E402
+from fastllava.train.strategy import Local, TrainModule, all_reduce_sum, init_distributed, make_strategy  # noqa: E402
 
 log = logging.getLogger("fastllava.train")
 
@@ -68,27 +72,16 @@ def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     )
 
 
-def build_scheduler(optimizer, args, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """HF's schedules (``cosine``, ``linear``, ``constant``, ``constant_with_warmup``) with linear warmup, as
-    ``transformers.get_scheduler`` computes them (without importing the Trainer stack)."""
+def build_scheduler(optimizer, args, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """``transformers.get_scheduler(--lr_scheduler_type)`` with ``--warmup_steps`` (else ``--warmup_ratio`` of the
+    steps) of linear warmup, as HF's Trainer builds it."""
+    from transformers import SchedulerType, get_scheduler
+
+    kinds = [k.value for k in SchedulerType]
+    if args.lr_scheduler_type not in kinds:
+        raise SystemExit(f"--lr_scheduler_type {args.lr_scheduler_type!r}: one of {', '.join(kinds)}")
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-    kind = args.lr_scheduler_type
-    if kind not in ("cosine", "linear", "constant", "constant_with_warmup"):
-        raise SystemExit(f"--lr_scheduler_type {kind!r}: cosine | linear | constant | constant_with_warmup")
-
-    def factor(step: int) -> float:
-        if kind == "constant":
-            return 1.0
-        if step < warmup:
-            return step / max(1, warmup)
-        if kind == "constant_with_warmup":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 class Reporter:
@@ -159,34 +152,42 @@ def plot_loss_curve(out_dir: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_args, data_args, args = parse_args(argv)
+class Window:
+    """Losses and tokens since the last log line (its record is HF Trainer's ``{'loss': ...}``)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def record(self, grad_norm: float, lr: float, epoch: float) -> dict:
+        """The log record of the window (collective: tokens are summed over ranks); starts a new window."""
+        dt = time.perf_counter() - self.t0
+        tokens = float(all_reduce_sum(torch.tensor([float(self.tokens)]))[0])
+        record = {
+            "loss": sum(self.losses) / len(self.losses) if self.losses else float("nan"),
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "epoch": round(epoch, 4),
+            "tokens_per_s": round(tokens / max(dt, 1e-9), 1),
+        }
+        self.__init__()
+        return record
+
+
+def setup_device(args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group under ``torchrun``."""
     use_cuda = torch.cuda.is_available() and not (args.no_cuda or args.use_cpu)
-    device_type = "cuda" if use_cuda else "cpu"
-    rank, world, local_rank = parallel.init_distributed(args.ddp_backend, device_type)
+    rank, world, local_rank = init_distributed(args.ddp_backend, "cuda" if use_cuda else "cpu")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if args.tf32 and use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+        if args.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+    return rank, world, device
 
-    # ------------------------------------------------------------------ model
-    tokenizer, model, processor = modeling.build_model(model_args, data_args, args)
-    modeling.configure_trainable(model, model_args, args)
-    parallel.swap_lm_head(model, args.loss_chunk_size, args.loss_impl)
-    model.to(device)
-    module = parallel.TrainModule(model)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    n_train = sum(p.numel() for _, p in trainable)
-    n_all = sum(p.numel() for p in model.parameters())
-    if rank == 0:
-        log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
 
-    # ------------------------------------------------------------------ data
+def build_data(model_args, data_args, args, tokenizer, model, processor, world: int):
+    """The dataset, the micro-batch sampler, the steps of each epoch and the total optimizer steps."""
     budget = args.packing_max_tokens if args.packing else args.model_max_length
     ds = SupervisedDataset(
         data_args.data_path,
@@ -200,8 +201,6 @@ def main(argv: list[str] | None = None) -> None:
         image_aspect_ratio=data_args.image_aspect_ratio,
         mm_use_im_start_end=model_args.mm_use_im_start_end,
     )
-    if rank == 0:
-        log.info("data: %s", ds.report.summary())
     per_step = world * args.gradient_accumulation_steps
     sampler = MicroBatchSampler(
         ds.lengths,
@@ -219,185 +218,209 @@ def main(argv: list[str] | None = None) -> None:
     if steps_in_epoch[0] == 0:
         raise SystemExit(f"not one full optimizer step of data: {per_step} micro-batches needed per step")
     if args.max_steps > 0:
-        total_steps = args.max_steps
-    else:
-        n_epochs = math.ceil(args.num_train_epochs)
-        steps_in_epoch = [sampler.steps_per_epoch(e) for e in range(n_epochs)]
-        frac = args.num_train_epochs - (n_epochs - 1)
-        total_steps = sum(steps_in_epoch[:-1]) + math.ceil(frac * steps_in_epoch[-1])
-    pad_to = None if args.packing else "longest"
+        return ds, sampler, steps_in_epoch, args.max_steps
+    n_epochs = math.ceil(args.num_train_epochs)
+    steps_in_epoch = [sampler.steps_per_epoch(e) for e in range(n_epochs)]
+    frac = args.num_train_epochs - (n_epochs - 1)
+    return ds, sampler, steps_in_epoch, sum(steps_in_epoch[:-1]) + math.ceil(frac * steps_in_epoch[-1])
 
-    # ------------------------------------------------------------------ optimizer, engine, resume
-    if args.fsdp:  # before the optimizer: fully_shard replaces the parameters by sharded ones
-        module = parallel.apply_fsdp2(module, args.bf16)
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, total_steps)
-    engine = None
-    if args.deepspeed:
-        engine = parallel.init_deepspeed(
-            module,
-            optimizer,
-            scheduler,
-            parallel.deepspeed_config(args.deepspeed, args, world, model.config.text.hidden_size),
-        )
+
+def epoch_steps(ds, sampler, state: dict, rank: int, world: int, args, config, pad_id: int):
+    """This rank's micro-batches (``TrainBatch``, or ``None`` when none of its samples is left) of each remaining
+    optimizer step of the current epoch, ``--gradient_accumulation_steps`` at a time."""
+    plan = [mbs[rank::world] for _, mbs in sampler.steps(state["epoch"], state["step_in_epoch"])]
+    loader = torch.utils.data.DataLoader(
+        [mb for step_mbs in plan for mb in step_mbs],
+        batch_size=None,
+        shuffle=False,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=lambda mb: collate(
+            [ds[i] for i in mb],
+            config,
+            pad_to=max(ds.lengths[i] for i in mb) if not args.packing else None,
+            pad_id=pad_id,
+        ),
+    )
+    it = iter(loader)
+    for _ in plan:
+        yield [next(it) for _ in range(args.gradient_accumulation_steps)]
+
+
+def idle_batch(config, pad_id: int) -> TrainBatch:
+    """One pad token, no target: what a rank runs for a micro-batch it has nothing in, so that every rank runs
+    the same forwards and backwards (the engines' collectives pair up); it adds zero to every gradient."""
+    rows = torch.zeros(0, dtype=torch.long)
+    return TrainBatch(pack([[pad_id]], [[]], config), rows, rows, n_targets=0, n_tokens=0, sample_indices=[])
+
+
+def train_step(strat: Local, module, batches: list, idle: TrainBatch, device, autocast, max_grad_norm: float):
+    """Forward and backward of this rank's micro-batches of one optimizer step; (mean loss over every target of
+    the global batch, grad norm before clipping, tokens run here). Each micro-batch backpropagates its summed CE
+    divided by the global target count, so the step optimises the mean whatever the packing or the ranks."""
+    n_global = float(
+        all_reduce_sum(torch.tensor([sum(b.n_targets for b in batches if b is not None)], dtype=torch.float64))[0]
+    )
+    scale = strat.grad_scale / max(n_global, 1.0)
+    real = [b if b is not None and b.n_targets > 0 else None for b in batches]
+    run = [b or idle for b in real] if strat.lockstep else [b for b in real if b is not None]
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
+    for i, b in enumerate(run):
+        with autocast:
+            s = module(b.packed.to(device), b.target_rows.to(device), b.targets.to(device))
+        loss_sum += s.detach().double().cpu()
+        strat.backward(s * scale, last=i == len(run) - 1)
+        tokens += b.n_tokens
+    loss = float(all_reduce_sum(loss_sum)) / max(n_global, 1.0)
+    return loss, strat.clip(max_grad_norm), tokens
+
+
+def save(out_dir: Path, strat: Local, state: dict, rank: int, args) -> None:
+    """Checkpoint ``checkpoint-<global_step>`` (collective under the sharding strategies)."""
+    opt_sd, rank_extra = strat.optimizer_state()
+    ckpt.save_checkpoint(
+        out_dir,
+        state["global_step"],
+        strat.trainable_state(),
+        opt_sd,
+        strat.scheduler.state_dict(),
+        state,
+        rank,
+        args.save_total_limit,
+        rank_extra,
+    )
+
+
+def resume(out_dir: Path, strat: Local, rank: int, args) -> dict:
+    """The trainer state to start from: a fresh one, or the checkpoint's (weights, optimizer, schedule, RNGs
+    and the log as it was put back)."""
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "log_history": [], "nonfinite_skipped": 0}
-    resume = ckpt.resolve_resume(out_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        loaded = ckpt.load_checkpoint(resume, rank)
-        missing = [n for n, _ in trainable if n not in loaded["trainable"]]
-        if missing:
-            raise SystemExit(f"{resume} lacks trainable weights {missing[:4]}: was it written by another setup?")
-        parallel.load_train_state(model, module, optimizer, engine, bool(args.fsdp), loaded)
-        scheduler.load_state_dict(loaded["scheduler"])
-        state = loaded["trainer_state"]
-        ckpt.set_rng_state(loaded["rank_state"]["rng"])
-        if rank == 0:
-            log.info("resumed from %s at step %d", resume, state["global_step"])
-        with open(out_dir / "log_history.jsonl", "w") as f:  # the log as it was at the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in state["log_history"])
+    path = ckpt.resolve_resume(out_dir, args.resume_from_checkpoint)
+    if path is None:
+        return state
+    loaded = ckpt.load_checkpoint(path, rank)
+    missing = [n for n, p in strat.model.named_parameters() if p.requires_grad and n not in loaded["trainable"]]
+    if missing:
+        raise SystemExit(f"{path} lacks trainable weights {missing[:4]}: was it written by another setup?")
+    strat.load_state(loaded)
+    strat.scheduler.load_state_dict(loaded["scheduler"])
+    ckpt.set_rng_state(loaded["rank_state"]["rng"])
+    if rank == 0:
+        log.info("resumed from %s at step %d", path, loaded["trainer_state"]["global_step"])
+    with open(out_dir / "log_history.jsonl", "w") as f:  # the log as it was at the checkpoint
+        f.writelines(json.dumps(r) + "\n" for r in loaded["trainer_state"]["log_history"])
+    return loaded["trainer_state"]
 
-    reporter = Reporter(args, out_dir, rank, modeling.run_args_dict(model_args, data_args, args))
+
+def on_nonfinite(loss: float, grad_norm: float, out_dir: Path, strat: Local, state: dict, rank: int, args) -> None:
+    """A step whose global loss or grad norm is not finite: count it, then skip it, or save and stop."""
+    state["nonfinite_skipped"] = state.get("nonfinite_skipped", 0) + 1
+    state["nonfinite_in_a_row"] = state.get("nonfinite_in_a_row", 0) + 1
+    msg = f"step {state['global_step'] + 1}: non-finite loss {loss} / grad norm {grad_norm}"
+    if args.on_nonfinite == "stop" or state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
+        save(out_dir, strat, state, rank, args)
+        raise SystemExit(msg + " -- stopping (state saved)")
+    log.warning(msg + strat.nonfinite_note)
+    strat.skip()
+
+
+def write_outputs(out_dir: Path, strat: Local, ds, tokenizer, processor, run_args: dict, args, model_args) -> None:
+    """Rank 0 writes the final model (llava-hf layout), the LoRA adapter / projector, the run's arguments, the
+    data report and the loss curve. Collective first: a sharded model is gathered onto rank 0."""
+    strat.gather_full_model()
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    model = strat.model.to("cpu").float()
+    if args.lora_enable:
+        modeling.save_lora_adapter(model, out_dir / "adapter", run_args)
+        modeling.merged_model(model)
+    if model_args.tune_mm_mlp_adapter:
+        modeling.save_projector(model, out_dir / "mm_projector.safetensors")
+    modeling.save_final(model, out_dir, tokenizer, processor)
+    (out_dir / "training_args.json").write_text(json.dumps(run_args, indent=2, default=str))
+    (out_dir / "data_report.json").write_text(
+        json.dumps({"bad": ds.report.counts, "runtime_bad": dict(ds.runtime_bad), **{"n_total": ds.report.n_total}})
+    )
+    plot_loss_curve(out_dir)
+    log.info("saved %s", out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_args, data_args, args = parse_args(argv)
+    rank, world, device = setup_device(args)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    # ------------------------------------------------------------------ model, data, strategy
+    tokenizer, model, processor = modeling.build_model(model_args, data_args, args)
+    modeling.configure_trainable(model, model_args, args)
+    model.to(device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    ds, sampler, steps_in_epoch, total_steps = build_data(
+        model_args, data_args, args, tokenizer, model, processor, world
+    )
+    if rank == 0:
+        log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
+        log.info("data: %s", ds.report.summary())
+    strat = make_strategy(args, world, device, model.config.text.hidden_size)
+    module = strat.wrap(
+        TrainModule(model, args.loss_chunk_size, args.loss_impl),
+        lambda m: build_optimizer(m, args),
+        lambda opt: build_scheduler(opt, args, total_steps),
+    )
+    state = resume(out_dir, strat, rank, args)
+    run_args = modeling.run_args_dict(model_args, data_args, args)
+    reporter = Reporter(args, out_dir, rank, run_args)
     save_every = int(args.save_steps) if args.save_steps >= 1 else max(1, int(args.save_steps * total_steps))
     log_every = int(args.logging_steps) if args.logging_steps >= 1 else max(1, int(args.logging_steps * total_steps))
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.bf16 and engine is None and not args.fsdp)
-    params = [p for _, p in trainable]
-
-    def save(step: int) -> None:
-        sd = parallel.full_trainable_state(model, module, engine, bool(args.fsdp))
-        opt_sd, rank_extra = parallel.optimizer_state(optimizer, module, engine, bool(args.fsdp))
-        ckpt.save_checkpoint(
-            out_dir, step, sd, opt_sd, scheduler.state_dict(), state, rank, args.save_total_limit, rank_extra
-        )
-
-    from tqdm.auto import tqdm
-
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and strat.autocast_ok)
+    pad_id = tokenizer.pad_token_id or 0
+    idle = idle_batch(model.config, pad_id)
     bar = tqdm(
         total=total_steps, initial=state["global_step"], disable=args.disable_tqdm or rank != 0, dynamic_ncols=True
     )
-    window_losses: list[float] = []
-    window_tokens, window_t0 = 0, time.perf_counter()
+    window = Window()
     module.train()
 
     # ------------------------------------------------------------------ the loop
     while state["global_step"] < total_steps:
-        epoch = state["epoch"]
-        plan = [mbs[rank::world] for _, mbs in sampler.steps(epoch, state["step_in_epoch"])]
-        mine = [mb for step_mbs in plan for mb in step_mbs]
-        loader = torch.utils.data.DataLoader(
-            mine,
-            batch_size=None,
-            shuffle=False,
-            num_workers=args.dataloader_num_workers,
-            collate_fn=lambda mb: collate(
-                [ds[i] for i in mb],
-                model.config,
-                pad_to=max(ds.lengths[i] for i in mb) if pad_to else None,
-                pad_id=tokenizer.pad_token_id or 0,
-            ),
-        )
-        it = iter(loader)
-        for _ in plan:
-            batches = [next(it) for _ in range(args.gradient_accumulation_steps)]
-            local = torch.tensor([sum(b.n_targets for b in batches if b is not None)], dtype=torch.float64)
-            n_global = float(parallel.all_reduce_sum(local)[0])
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            scale = 1.0 / max(n_global, 1.0)
-            if engine is not None or args.fsdp:
-                scale *= world  # engines average gradients over ranks; we want the sum
-            for b in batches:
-                if b is None or b.n_targets == 0:
-                    continue
-                packed = b.packed.to(device)
-                with autocast:
-                    s = module(packed, b.target_rows.to(device), b.targets.to(device))
-                loss_sum += s.detach().double().cpu()
-                if engine is not None:
-                    engine.backward(s * scale * args.gradient_accumulation_steps)
-                    engine.step()
-                else:
-                    (s * scale).backward()
-                window_tokens += b.n_tokens
-            if engine is None and not args.fsdp:
-                parallel.all_reduce_grads(params)
-            loss = float(parallel.all_reduce_sum(loss_sum)) / max(n_global, 1.0)
-            if engine is None:
-                grad_norm = parallel.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-            else:
-                grad_norm = float(engine.get_global_grad_norm() or 0.0)
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            if finite:
-                if engine is None:
-                    optimizer.step()
-                    scheduler.step()
+        for batches in epoch_steps(ds, sampler, state, rank, world, args, model.config, pad_id):
+            loss, grad_norm, tokens = train_step(strat, module, batches, idle, device, autocast, args.max_grad_norm)
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                strat.step()
                 state["nonfinite_in_a_row"] = 0
+                window.losses.append(loss)
             else:
-                state["nonfinite_skipped"] = state.get("nonfinite_skipped", 0) + 1
-                state["nonfinite_in_a_row"] = state.get("nonfinite_in_a_row", 0) + 1
-                msg = f"step {state['global_step'] + 1}: non-finite loss {loss} / grad norm {grad_norm}"
-                if args.on_nonfinite == "stop" or state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
-                    save(state["global_step"])
-                    raise SystemExit(msg + " -- stopping (state saved)")
-                log.warning(
-                    msg + (" -- step skipped (--on_nonfinite skip)" if engine is None else parallel.ENGINE_SKIP)
-                )
-            if engine is None:
-                optimizer.zero_grad(set_to_none=True)
+                on_nonfinite(loss, grad_norm, out_dir, strat, state, rank, args)
+            window.tokens += tokens
             state["global_step"] += 1
             state["step_in_epoch"] += 1
             bar.update(1)
-            if finite:
-                window_losses.append(loss)
             if state["global_step"] % log_every == 0 or state["global_step"] == total_steps:
-                dt = time.perf_counter() - window_t0
-                tokens = float(parallel.all_reduce_sum(torch.tensor([float(window_tokens)]))[0])
-                record = {
-                    "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
-                    "grad_norm": grad_norm,
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "epoch": round(
-                        epoch + state["step_in_epoch"] / max(steps_in_epoch[min(epoch, len(steps_in_epoch) - 1)], 1), 4
-                    ),
-                    "tokens_per_s": round(tokens / max(dt, 1e-9), 1),
-                }
+                in_epoch = steps_in_epoch[min(state["epoch"], len(steps_in_epoch) - 1)]
+                epoch = state["epoch"] + state["step_in_epoch"] / max(in_epoch, 1)
+                record = window.record(grad_norm, strat.scheduler.get_last_lr()[0], epoch)
                 state["log_history"].append({**record, "step": state["global_step"]})
                 reporter.log(record, state["global_step"], bar.write)
-                window_losses, window_tokens, window_t0 = [], 0, time.perf_counter()
             if args.save_strategy == "steps" and state["global_step"] % save_every == 0:
-                save(state["global_step"])
+                save(out_dir, strat, state, rank, args)
             if state["global_step"] == args.halt_after_step:
                 bar.write(f"halting after step {state['global_step']} (--halt_after_step)")
                 sys.stdout.flush()
                 os._exit(3)
             if state["global_step"] >= total_steps:
                 break
-        else:
+        else:  # the epoch ran out
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             if args.save_strategy == "epoch":
-                save(state["global_step"])
+                save(out_dir, strat, state, rank, args)
     bar.close()
 
     # ------------------------------------------------------------------ outputs
-    if args.fsdp or parallel.is_zero3(engine):  # unshard: rank 0 gets the full weights as plain parameters
-        full = parallel.consolidated_state_dict(module, engine, bool(args.fsdp))
-        if rank == 0:
-            parallel.materialize(model, full)
-    if rank == 0:
-        model.to("cpu").float()
-        run_args = modeling.run_args_dict(model_args, data_args, args)
-        if args.lora_enable:
-            modeling.save_lora_adapter(model, out_dir / "adapter", run_args)
-            modeling.merged_model(model)
-        if model_args.tune_mm_mlp_adapter:
-            modeling.save_projector(model, out_dir / "mm_projector.safetensors")
-        modeling.save_final(model, out_dir, tokenizer, processor)
-        (out_dir / "training_args.json").write_text(json.dumps(run_args, indent=2, default=str))
-        (out_dir / "data_report.json").write_text(
-            json.dumps({"bad": ds.report.counts, "runtime_bad": dict(ds.runtime_bad), **{"n_total": ds.report.n_total}})
-        )
-        plot_loss_curve(out_dir)
-        log.info("saved %s", out_dir)
+    write_outputs(out_dir, strat, ds, tokenizer, processor, run_args, args, model_args)
     reporter.close()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

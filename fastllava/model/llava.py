@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastllava.config import LlavaConfig
 from fastllava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from fastllava.kernels import scatter_image_tokens
+from fastllava.losses import linear_cross_entropy
 from fastllava.model.language import AttnMetadata, KVCache, LanguageModel
 from fastllava.model.llava_compat import LlavaCompatMixin
 from fastllava.model.projector import Projector
@@ -132,19 +132,24 @@ class LlavaModel(LlavaCompatMixin, nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.lm_head(hidden)
 
-    def packed_loss(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """Sum of next-token cross-entropy over the batch's target tokens, and their count.
+    def loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, impl: str = "auto"
+    ) -> torch.Tensor:
+        """Summed next-token cross-entropy of hidden rows ``[N, D]`` against their targets ``[N]`` (fp32 scalar).
 
-        Logits are computed only at positions that have a target (never the full [T, V] in training).
-        """
+        The one loss of the model, training and the padded API: the LM head fused with the cross-entropy
+        (``fastllava.losses.linear_cross_entropy``: Liger's kernel on CUDA when installed, else chunked torch),
+        so the ``[N, vocab]`` logits are never materialised."""
+        head = self.language_model.lm_head
+        return linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_size=chunk_size, impl=impl)
+
+    def packed_loss(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """Sum of next-token cross-entropy over the batch's target tokens, and their count."""
         if hidden is None:
             hidden = self.forward_packed(batch)
         targets = shifted_targets(batch.labels, batch.cu_seqlens)
-        keep = targets != IGNORE_INDEX
-        # boolean indexing syncs once per step; the alternative is full [T, V] logits
-        logits = self.logits(hidden[keep]).float()
-        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-        return loss, int(keep.sum())
+        keep = targets != IGNORE_INDEX  # boolean indexing syncs once; the alternative is [T, V] logits
+        return self.loss(hidden[keep], targets[keep]), int(keep.sum())
 
     # -------------------------------------------------------------------- LLaVA-style padded API
 
@@ -262,8 +267,7 @@ class LlavaModel(LlavaCompatMixin, nn.Module):
             else:
                 out[b, positions[b]] = seg
         loss = None
-        if labels is not None:
-            targets = shifted_targets(batch.labels, batch.cu_seqlens)
-            keep = targets != IGNORE_INDEX
-            loss = F.cross_entropy(logits[keep].float(), targets[keep])
+        if labels is not None:  # mean over the target tokens
+            loss_sum, n_targets = self.packed_loss(batch, hidden)
+            loss = loss_sum / n_targets
         return LlavaOutput(logits=out, loss=loss)

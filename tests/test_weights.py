@@ -3,6 +3,7 @@ are the ones transformers' llava-hf models and LLaVA's own projector hold (indep
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -158,3 +159,21 @@ def test_unknown_layout_is_a_clear_error():
         weights.to_ours("model.norm.weight", "megatron")
     with pytest.raises(ValueError, match="has no key"):
         weights.to_layout({"language_model.norm.weight": torch.zeros(1)}, weights.VISION)
+
+
+def test_checkpoint_keys_of_pickles_needs_opt_in(tmp_path):
+    """Pickled shards are listed only when allowed, by their index's weight_map (or a memory-mapped load)."""
+    state = {"model.norm.weight": torch.ones(4), "lm_head.weight": torch.zeros(2, 4)}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(checkpoint.CheckpointError, match="pickle"):
+        checkpoint.checkpoint_keys(tmp_path)
+    keys = checkpoint.checkpoint_keys(tmp_path, allow_pickle=True)
+    assert keys == [(tmp_path / "pytorch_model.bin", k) for k in state]
+    index = {"weight_map": {"model.norm.weight": "pytorch_model.bin", "lm_head.weight": "pytorch_model.bin"}}
+    (tmp_path / checkpoint.BIN_INDEX).write_text(json.dumps(index))
+    assert sorted(checkpoint.checkpoint_keys(tmp_path, allow_pickle=True)) == sorted(keys)
+    where = weights.key_map(keys, weights.LLAVA)
+    assert where == {
+        "language_model.norm.weight": keys[0],
+        "language_model.lm_head.weight": keys[1],
+    }

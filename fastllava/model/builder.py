@@ -30,7 +30,7 @@ from fastllava.model.llava import LlavaModel
 
 log = logging.getLogger(__name__)
 
-HF_TYPES = ("llava", "llava_next")
+HF_TYPES = weights.HF_MODEL_TYPES  # llava-hf model types; any other is an original-LLaVA checkpoint
 
 
 def _local_dir(path: str | os.PathLike, what: str) -> Path:

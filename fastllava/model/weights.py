@@ -52,7 +52,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -97,6 +97,10 @@ class Rule:
     index: tuple[int, int] | None = None
     aliases: tuple[str, ...] = ()
     when: str | None = None
+
+    def __post_init__(self):
+        if self.when not in (None, "linear"):
+            raise ValueError(f"Rule.when is None or 'linear', not {self.when!r}")
 
     @cached_property
     def _ours_re(self) -> re.Pattern:
@@ -144,7 +148,6 @@ class Layout:
     name: str
     rules: tuple[Rule, ...]
     prefix: str = ""
-    description: str = field(default="", compare=False)
 
     def to_ours(self, key: str) -> str | None:
         """Our parameter name for checkpoint key ``key``; None for a key to skip (``DROP``) or not of this layout."""
@@ -176,7 +179,6 @@ HF_LEGACY = Layout(
         Rule("multi_modal_projector.{rest}", "multi_modal_projector.{rest}"),
         Rule("image_newline", "image_newline"),
     ),
-    description="llava-hf, transformers < 4.52 and what transformers 5 writes",
 )
 
 HF_NEW = Layout(
@@ -188,7 +190,6 @@ HF_NEW = Layout(
         Rule("multi_modal_projector.{rest}", "model.multi_modal_projector.{rest}"),
         Rule("image_newline", "model.image_newline"),
     ),
-    description="llava-hf, transformers >= 4.52 in memory",
 )
 
 _LLAVA_RULES = (
@@ -205,9 +206,9 @@ _LLAVA_RULES = (
     Rule("language_model.{rest}", "model.{rest}"),
 )
 
-LLAVA = Layout("llava", _LLAVA_RULES, description="original LLaVA (and a plain Llama / Mistral / Qwen2 LM)")
+LLAVA = Layout("llava", _LLAVA_RULES)  # also a plain Llama / Mistral / Qwen2 LM folder
 
-LORA = Layout("lora", _LLAVA_RULES, prefix="base_model.model.", description="a LLaVA LoRA run's adapter files")
+LORA = Layout("lora", _LLAVA_RULES, prefix="base_model.model.")  # a LoRA run's adapter / non_lora_trainables
 
 VISION = Layout(
     "vision",
@@ -218,7 +219,6 @@ VISION = Layout(
             aliases=(r"{rest:(?:embeddings|encoder|pre_layrnorm|post_layernorm)\..+}",),
         ),
     ),
-    description="a CLIP / SigLIP vision folder",
 )
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (HF_LEGACY, HF_NEW, LLAVA, LORA, VISION)}

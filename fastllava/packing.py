@@ -11,6 +11,7 @@ Everything here runs on the host at tokenization time; the model then needs no p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -115,6 +116,36 @@ def image_feature_index(cfg: LlavaConfig, size_hw: tuple[int, int]) -> torch.Ten
     return torch.cat([base, grid.flatten()])
 
 
+def used_tiles(cfg: LlavaConfig, pixel_values: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """The tiles ``[image_tiles, 3, h, w]`` an image of ``size_hw`` uses (a transformers NeXT batch pads every
+    image's ``pixel_values`` to the most tiles of any); an error when it has fewer."""
+    pv = pixel_values if pixel_values.dim() == 4 else pixel_values.unsqueeze(0)
+    want = image_tiles(cfg, size_hw)
+    if pv.shape[0] < want:
+        raise ValueError(f"image of size {size_hw} needs {want} tiles, got {pv.shape[0]}")
+    return pv[:want]
+
+
+def batch_feature_index(
+    cfg: LlavaConfig,
+    sizes_hw: list[tuple[int, int]],
+    index_of: Callable[[tuple[int, int]], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The gather index of several images whose tiles are encoded together, laid end to end: each image's
+    ``image_feature_index`` shifted to its tiles' rows of the batch's tile features ``[sum(tiles) * L, D]``, its
+    newline entries pointing at the one newline row appended after them (row ``sum(tiles) * L``).
+    ``index_of(size_hw)``: a cache of ``image_feature_index`` (default: computed)."""
+    L = cfg.tokens_per_tile
+    parts, base = [], 0  # base: tiles before this image
+    for size_hw in sizes_hw:
+        tiles = image_tiles(cfg, size_hw)
+        idx = index_of(size_hw) if index_of is not None else image_feature_index(cfg, size_hw)
+        parts.append(torch.where(idx == tiles * L, -1, idx + base * L))  # -1: newline, fixed below
+        base += tiles
+    index = torch.cat(parts)
+    return torch.where(index < 0, base * L, index)
+
+
 def image_token_count(cfg: LlavaConfig, size_hw: tuple[int, int]) -> int:
     """Slots one image takes in the token stream (576 for a 336 px CLIP-L/14 LLaVA-1.5 image)."""
     if not cfg.is_anyres:
@@ -185,9 +216,7 @@ def pack(
     offsets: list[int] = []
     counts: list[int] = []
     tiles: list[torch.Tensor] = []
-    index: list[torch.Tensor] = []
-    tile_base = 0
-    L = cfg.tokens_per_tile
+    sizes: list[tuple[int, int]] = []
     for s, (ids, imgs) in enumerate(zip(sequences, images, strict=True)):
         n_img = [image_token_count(cfg, im.size_hw) for im in imgs]
         expanded, offs = expand_image_tokens(list(ids), n_img, cfg.image_token_index)
@@ -199,16 +228,8 @@ def pack(
         offsets.extend(start + o for o in offs)
         counts.extend(n_img)
         for im in imgs:
-            want = image_tiles(cfg, im.size_hw)
-            pv = im.pixel_values if im.pixel_values.dim() == 4 else im.pixel_values.unsqueeze(0)
-            if pv.shape[0] < want:
-                raise ValueError(f"image of size {im.size_hw} needs {want} tiles, got {pv.shape[0]}")
-            tiles.append(pv[:want])
-            idx = image_feature_index(cfg, im.size_hw)
-            # local index -> global row of the concatenated tile features; newline row = last global row
-            is_newline = idx == want * L
-            index.append(torch.where(is_newline, torch.full_like(idx, -1), idx + tile_base * L))
-            tile_base += want
+            tiles.append(used_tiles(cfg, im.pixel_values, im.size_hw))
+            sizes.append(im.size_hw)
         all_ids.extend(expanded)
         seq_lens.append(len(expanded))
     if any(n == 0 for n in seq_lens):
@@ -226,9 +247,7 @@ def pack(
         image_counts_host=counts,
     )
     if counts:
-        total_rows = tile_base * L
-        feat_index = torch.cat(index)
-        batch.feature_index = torch.where(feat_index < 0, torch.full_like(feat_index, total_rows), feat_index)
+        batch.feature_index = batch_feature_index(cfg, sizes)
         batch.image_offsets = torch.tensor(offsets, dtype=torch.long)
         batch.image_counts = torch.tensor(counts, dtype=torch.long)
         batch.pixel_values = torch.cat(tiles)

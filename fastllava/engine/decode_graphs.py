@@ -36,6 +36,41 @@ from fastllava.packing import PackedBatch
 IDS, POS, SLOT, CTX = range(4)  # the rows of DecodeGraphs.rows
 
 
+def decode_rows(reqs: list[Request], tables: dict[str, list[int]], block_size: int) -> list[list[int]]:
+    """The host inputs of one decode token per request: ``[ids, positions, KV slots, context lengths]``, each
+    ``(B,)``; a request's token is its ``num_computed_tokens``-th, written to that position's slot of its table."""
+    pos = [r.num_computed_tokens for r in reqs]
+    ids = [r.token_ids(p, p + 1)[0] for r, p in zip(reqs, pos, strict=True)]
+    bs = block_size
+    slots = [tables[r.request_id][p // bs] * bs + p % bs for r, p in zip(reqs, pos, strict=True)]
+    return [ids, pos, slots, [p + 1 for p in pos]]
+
+
+def decode_forward(
+    model,
+    kv: KVCache,
+    rows: torch.Tensor,  # (4, B) on the device: ids, positions, slots, context lengths (the order of IDS..CTX)
+    block_tables: torch.Tensor,  # (B, width) int32 on the device
+    cu_seqlens: torch.Tensor,  # (B + 1,) int32 on the device: one token per sequence
+    max_position: int,
+) -> torch.Tensor:
+    """The decode forward, one token per sequence through paged attention; returns hidden ``(B, D)``.
+    The one place decode inputs become a ``PackedBatch`` and ``AttnMetadata`` (eager and graphed decode alike)."""
+    n = rows.shape[1]
+    batch = PackedBatch(
+        input_ids=rows[IDS], position_ids=rows[POS], cu_seqlens=cu_seqlens, max_seqlen=1, seq_lens=[1] * n
+    )
+    meta = AttnMetadata(
+        cu_seqlens=cu_seqlens,
+        max_seqlen=1,
+        slot_mapping=rows[SLOT],
+        block_tables=block_tables,
+        context_lens=rows[CTX],
+        decode=True,
+    )
+    return model.forward_packed(batch, meta, kv, max_position=max_position)
+
+
 def _block_tables(reqs: list[Request], tables: dict[str, list[int]]) -> torch.Tensor:
     rows = [tables[r.request_id] for r in reqs]
     width = max(len(t) for t in rows)
@@ -115,23 +150,8 @@ class DecodeGraphs:
 
     def _forward(self, n: int) -> torch.Tensor:
         """The bucketed step over the first ``n`` static rows: logits ``(n, V)``. What the graphs capture."""
-        rows = self.rows
-        batch = PackedBatch(
-            input_ids=rows[IDS, :n],
-            position_ids=rows[POS, :n],
-            cu_seqlens=self.cu_seqlens[: n + 1],
-            max_seqlen=1,
-            seq_lens=[1] * n,
-        )
-        meta = AttnMetadata(
-            cu_seqlens=batch.cu_seqlens,
-            max_seqlen=1,
-            slot_mapping=rows[SLOT, :n],
-            block_tables=self.block_tables[:n],
-            context_lens=rows[CTX, :n],
-            decode=True,
-        )
-        hidden = self.model.forward_packed(batch, meta, self.kv, max_position=self.max_position)  # (n, D)
+        rows, tables, cu = self.rows[:, :n], self.block_tables[:n], self.cu_seqlens[: n + 1]
+        hidden = decode_forward(self.model, self.kv, rows, tables, cu, self.max_position)  # (n, D)
         return self.model.logits(hidden)  # (n, V)
 
     # ------------------------------------------------------------------------------------ step
@@ -147,12 +167,7 @@ class DecodeGraphs:
         self._turn ^= 1
         self._host_rows, self._host_tables = self._staging[self._turn]
         n = self.buckets[bisect.bisect_left(self.buckets, B)]
-        bs = self.block_size
-        pos = [r.num_computed_tokens for r in reqs]
-        ids = [r.token_ids(p, p + 1)[0] for r, p in zip(reqs, pos, strict=True)]
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, pos, strict=True)]
-        ctx = [p + 1 for p in pos]
-        self._host_rows[:, :B] = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
+        self._host_rows[:, :B] = torch.tensor(decode_rows(reqs, tables, self.block_size), dtype=torch.long)
         ht = self._host_tables
         ht[:B, :width] = self.block_tables_of(reqs, tables)
         ht[:B, width:] = 0

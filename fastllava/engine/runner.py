@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from fastllava.engine.decode_graphs import DecodeGraphs
+from fastllava.engine.decode_graphs import CTX, IDS, DecodeGraphs, decode_forward, decode_rows
 from fastllava.engine.encoder_cache import EncoderCache
 from fastllava.engine.request import Request
 from fastllava.engine.sampling import BatchSampler
 from fastllava.engine.scheduler import SchedulerOutput
 from fastllava.model.language import AttnMetadata, KVCache
-from fastllava.packing import PackedBatch, image_feature_index, image_tiles
+from fastllava.packing import PackedBatch, batch_feature_index, image_feature_index, used_tiles
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,11 @@ class ModelRunner:
         self.block_tables = BlockTables()
         self.overlap = False  # set by the engine: input ids may hold placeholders for the last launch's ids
         self._prev_sampled: torch.Tensor | None = None  # the last launch's sampled ids (device), for placeholders
+        self.keep_logits = False  # set by model.generate for transformers' stopping_criteria, which read logits
+        self.last_logits: tuple[list[Request], torch.Tensor] | None = None  # the last launch's rows and (B, V)
         self.decode_graphs: DecodeGraphs | None = None
         if bucketed:
             try:
-        self.keep_logits = False  # set by model.generate for transformers' stopping_criteria, which read logits
-        self.last_logits: tuple[list[Request], torch.Tensor] | None = None  # the last launch's rows and (B, V)
                 self.decode_graphs = DecodeGraphs(
                     model,
                     self.kv,
@@ -150,11 +150,11 @@ class ModelRunner:
             self._prev_sampled = None
             return StepHandle([], None, None)
         rows = torch.cat(logits) if len(logits) > 1 else logits[0]  # (B, V)
+        if self.keep_logits:
+            self.last_logits = (sampling, rows)
         sampled = self.sampler(rows, sampling)  # (B,) on the device
         self._prev_sampled = sampled
         if sampled.device.type != "cuda":
-        if self.keep_logits:
-            self.last_logits = (sampling, rows)
             return StepHandle(sampling, sampled, None)
         host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
         host.copy_(sampled, non_blocking=True)
@@ -192,20 +192,12 @@ class ModelRunner:
 
     def _encode(self, items: list[tuple[Request, int]]) -> None:
         """All listed images through the vision tower + projector at once; features into the encoder cache."""
-        L = self.cfg.tokens_per_tile
-        tiles, index, counts, base = [], [], [], 0
+        tiles, counts = [], []
         for req, j in items:
             img = req.images[j]
-            want = image_tiles(self.cfg, img.size_hw)
-            if img.pixel_values.shape[0] < want:
-                raise ValueError(f"image of size {img.size_hw} needs {want} tiles, got {img.pixel_values.shape[0]}")
-            tiles.append(img.pixel_values[:want])
-            idx = self._index(img.size_hw)
-            index.append(torch.where(idx == want * L, torch.full_like(idx, -1), idx + base * L))
-            counts.append(idx.numel())
-            base += want
-        index_t = torch.cat(index)
-        index_t = torch.where(index_t < 0, torch.full_like(index_t, base * L), index_t)  # newline row is last
+            tiles.append(used_tiles(self.cfg, img.pixel_values, img.size_hw))
+            counts.append(self._index(img.size_hw).numel())
+        index_t = batch_feature_index(self.cfg, [req.images[j].size_hw for req, j in items], self._index)
         pixels = torch.cat(tiles).to(self.device, self.model.dtype, non_blocking=True)
         feats = self.model.encode_images(pixels, index_t.to(self.device))  # (sum counts, D)
         for (req, j), f in zip(items, feats.split(counts), strict=True):
@@ -278,31 +270,10 @@ class ModelRunner:
 
     def _decode_eager(self, reqs: list[Request], tables: dict[str, list[int]]) -> torch.Tensor:
         """The decode forward at the batch's own size; returns hidden ``[B, D]``."""
-        bs = self.block_size
-        B = len(reqs)
-        block_tables = self.block_tables(reqs, tables)  # (B, width)
-        ids, pos, slots = [], [], []
-        for r in reqs:
-            table = tables[r.request_id]
-            p = r.num_computed_tokens
-            ids.append(r.token_ids(p, p + 1)[0])
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
         dev = self.device
-        pos_t = torch.tensor(pos, dtype=torch.long)
-        batch = PackedBatch(
-            input_ids=self._fill_placeholders(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)),
-            position_ids=pos_t.to(dev, non_blocking=True),
-            cu_seqlens=torch.arange(B + 1, dtype=torch.int32).to(dev, non_blocking=True),
-            max_seqlen=1,
-            seq_lens=[1] * B,
-        )
-        meta = AttnMetadata(
-            cu_seqlens=batch.cu_seqlens,
-            max_seqlen=1,
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            block_tables=block_tables.to(dev, non_blocking=True),
-            context_lens=(pos_t + 1).to(dev, non_blocking=True),
-            decode=True,
-        )
-        return self.model.forward_packed(batch, meta, self.kv, max_position=max(pos) + 1)
+        host = torch.tensor(decode_rows(reqs, tables, self.block_size), dtype=torch.long)  # (4, B)
+        rows = host.to(dev, non_blocking=True)
+        rows[IDS] = self._fill_placeholders(rows[IDS])
+        block_tables = self.block_tables(reqs, tables).to(dev, non_blocking=True)  # (B, width)
+        cu = torch.arange(len(reqs) + 1, dtype=torch.int32).to(dev, non_blocking=True)
+        return decode_forward(self.model, self.kv, rows, block_tables, cu, max_position=int(host[CTX].max()))

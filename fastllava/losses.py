@@ -14,12 +14,10 @@ everywhere and is the reference ``impl="eager"`` is checked against in the tests
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+from fastllava.optional import HAS_LIGER
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import importlib.util
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,8 +36,7 @@ import torch.nn as nn
 from fastllava.csrc.nf4 import CUDA_GEMV_MAX_ROWS, nf4_gemv
 from fastllava.kernels.nf4_dequantize import NestedAbsmax, codebook, nf4_dequantize
 from fastllava.kernels.nf4_matmul import nf4_matmul
-
-HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
+from fastllava.optional import HAS_BITSANDBYTES
 
 # LLaVA quantizes the language model only (llava/model/builder.py: llm_int8_skip_modules=["mm_projector"]; the
 # CLIP tower is loaded separately in fp16): keep the vision tower, the projector and lm_head in full precision.

@@ -15,16 +15,17 @@ import copy
 import dataclasses
 import datetime
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from fastllava import envs
+
 # seconds a collective may wait for a peer before it fails (a watchdog: no rank waits forever on a dead one);
 # rank 0 sends a keep-alive while idle, so only a step that really stalls hits it
-DEFAULT_TIMEOUT_S = float(os.environ.get("FASTLLAVA_TP_TIMEOUT", "120"))
+DEFAULT_TIMEOUT_S = envs.FASTLLAVA_TP_TIMEOUT
 
 
 class RankFailedError(dist.DistError):

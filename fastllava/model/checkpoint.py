@@ -6,12 +6,13 @@ map onto fastllava's parameter names, are in ``fastllava.model.weights``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+from fastllava import envs
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -24,7 +25,7 @@ class CheckpointError(RuntimeError):
 def pickle_allowed(allow_pickle: bool | None) -> bool:
     if allow_pickle is not None:
         return allow_pickle
-    return os.environ.get("FASTLLAVA_ALLOW_PICKLE", "0") == "1"
+    return envs.FASTLLAVA_ALLOW_PICKLE
 
 
 def weight_files(path: str | Path, allow_pickle: bool | None = None, stem: str = "model") -> list[Path]:

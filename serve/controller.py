@@ -35,8 +35,9 @@ import time
 import uuid
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from fastllava import envs
 
@@ -69,7 +70,7 @@ class Controller:
         self.token = args.worker_token or envs.FASTLLAVA_WORKER_TOKEN
         self.api_keys = api_keys_from(args.api_key)
         self.client: httpx.AsyncClient | None = None
-        self.counters = {"requests": 0, "retries": 0, "failed_mid_stream": 0}
+        self.metrics = ControllerMetrics(self.registry)
         self.id = uuid.uuid4().hex[:16]  # in X-Fastllava-Via of everything it forwards
 
     def authorize_worker(self, request: Request) -> None:
@@ -143,7 +144,7 @@ class Controller:
                 raise P.overloaded(f"no live worker for {model!r}; retry shortly", 503, retry_after=5)
             tried.add(worker)
             if len(tried) > 1:
-                self.counters["retries"] += 1
+                self.metrics.retries.inc()
             req = self.client.build_request("POST", worker + "/v1/chat/completions", json=payload, headers=headers)
             try:
                 resp = await self.client.send(req, stream=True)
@@ -200,7 +201,9 @@ def _mid_stream_error(worker: str) -> P.APIError:
                       "server_error", None, "worker_failed")  # fmt: skip
 
 
-def build_app(ctl: Controller) -> FastAPI:
+def _lifespan(ctl: Controller):
+    """The HTTP client to the workers, and the sweep that drops workers whose heartbeats stopped."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         ctl.client = httpx.AsyncClient(
@@ -217,20 +220,21 @@ def build_app(ctl: Controller) -> FastAPI:
         task.cancel()
         await ctl.client.aclose()
 
-    app = FastAPI(title="fastllava controller", lifespan=lifespan)
-    app.add_middleware(LimitsMiddleware, max_body_bytes=ctl.args.max_body_bytes,
-                       body_timeout=ctl.args.body_timeout, logger=logger)  # fmt: skip
-    install_error_handlers(app, logger)
-    reg = ctl.registry
+    return lifespan
 
-    async def body_of(request: Request, model_cls):
-        return P.validate(model_cls, P.parse_json_body(await request.body()))
 
-    # ------------------------------------------------------------------------------------ LLaVA routes
-    @app.post("/register_worker")
+async def _body_of(request: Request, model_cls):
+    return P.validate(model_cls, P.parse_json_body(await request.body()))
+
+
+def worker_routes(ctl: Controller) -> APIRouter:
+    """LLaVA's routes the workers call: register, unregister, heartbeat (each needs the worker token)."""
+    router, reg = APIRouter(), ctl.registry
+
+    @router.post("/register_worker")
     async def register_worker(request: Request):
         ctl.authorize_worker(request)
-        data = await body_of(request, P.RegisterWorker)
+        data = await _body_of(request, P.RegisterWorker)
         name = data.worker_name.rstrip("/")
         await ctl.check_not_self(name)
         status = data.worker_status
@@ -244,23 +248,30 @@ def build_app(ctl: Controller) -> FastAPI:
         logger.info("registered worker %s serving %s", name, reg.workers[name].model_names)
         return {"registered": True}
 
-    @app.post("/unregister_worker")
+    @router.post("/unregister_worker")
     async def unregister_worker(request: Request):
         ctl.authorize_worker(request)
-        data = await body_of(request, P.WorkerNameBody)
+        data = await _body_of(request, P.WorkerNameBody)
         reg.remove(data.worker_name, "it asked to leave (draining or unhealthy)")
         return {"unregistered": True}
 
-    @app.post("/receive_heart_beat")
+    @router.post("/receive_heart_beat")
     async def receive_heart_beat(request: Request):
         ctl.authorize_worker(request)
-        beat = await body_of(request, P.HeartBeat)
+        beat = await _body_of(request, P.HeartBeat)
         known = reg.heart_beat(beat.worker_name, beat.queue_length)
         if known and beat.worker_status is not None:
             reg.workers[beat.worker_name].limits = beat.worker_status.worker_limits()
         return {"exist": known}
 
-    @app.post("/refresh_all_workers")
+    return router
+
+
+def llava_routes(ctl: Controller) -> APIRouter:
+    """LLaVA's client routes: models, worker addresses, the aggregated status, the generate proxy."""
+    router, reg = APIRouter(), ctl.registry
+
+    @router.post("/refresh_all_workers")
     async def refresh_all_workers():
         for name in list(reg.workers):
             try:
@@ -270,16 +281,16 @@ def build_app(ctl: Controller) -> FastAPI:
                 reg.remove(name, "status check failed")
         return {}
 
-    @app.post("/list_models")
+    @router.post("/list_models")
     async def list_models():
         return {"models": reg.models()}
 
-    @app.post("/get_worker_address")
+    @router.post("/get_worker_address")
     async def get_worker_address(request: Request):
-        data = await body_of(request, P.ModelBody)
+        data = await _body_of(request, P.ModelBody)
         return {"address": reg.pick(data.model) or ""}
 
-    @app.post("/worker_get_status")
+    @router.post("/worker_get_status")
     async def worker_get_status(request: Request):
         ctl.check_loop(request)
         models, speed, queue = set(), 0.0, 0
@@ -296,7 +307,7 @@ def build_app(ctl: Controller) -> FastAPI:
             queue += st.queue_length
         return {"model_names": sorted(models), "speed": speed, "queue_length": queue}
 
-    @app.post("/worker_generate_stream")
+    @router.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
         """LLaVA's proxy route: NUL-separated JSON frames from the worker serving ``params["model"]``.
         Errors are LLaVA frames too (``error_code`` != 0), with the HTTP status of the error."""
@@ -308,50 +319,61 @@ def build_app(ctl: Controller) -> FastAPI:
             params = P.validate_llava(raw, reg.limits(model) if isinstance(model, str) else None)
         except P.APIError as e:
             return Response(P.llava_error_frame(e), status_code=e.status, headers=e.headers())
-        payload = params.model_dump(exclude_unset=True)
-        headers = ctl.forward_headers(request, request_id_var.get())
-        tried: set[str] = set()
-        last: tuple[int, bytes, dict] | None = None
-        while (worker := reg.pick(str(params.model), tried)) is not None:
-            tried.add(worker)
-            req = ctl.client.build_request("POST", worker + "/worker_generate_stream", json=payload, headers=headers)
-            try:
-                resp = await ctl.client.send(req, stream=True)
-            except httpx.TransportError as e:
-                reg.remove(worker, f"unreachable ({type(e).__name__})")
+        return await _proxy_llava_stream(ctl, params, ctl.forward_headers(request, request_id_var.get()))
+
+    return router
+
+
+async def _proxy_llava_stream(ctl: Controller, params, headers: dict[str, str]) -> Response:
+    """Send a validated LLaVA generate request to a worker serving its model, failing over while none has
+    answered; relay the worker's frames (a LLaVA error frame if the worker dies mid-stream)."""
+    reg, payload = ctl.registry, params.model_dump(exclude_unset=True)
+    tried: set[str] = set()
+    last: tuple[int, bytes, dict] | None = None
+    while (worker := reg.pick(str(params.model), tried)) is not None:
+        tried.add(worker)
+        req = ctl.client.build_request("POST", worker + "/worker_generate_stream", json=payload, headers=headers)
+        try:
+            resp = await ctl.client.send(req, stream=True)
+        except httpx.TransportError as e:
+            reg.remove(worker, f"unreachable ({type(e).__name__})")
+            continue
+        if resp.status_code != 200:
+            body = await resp.aread()
+            await resp.aclose()
+            code = _llava_error_code(body)
+            if ctl.drop_if_broken(worker, resp.status_code, code) or resp.status_code in RETRYABLE_STATUS:
+                last = (resp.status_code, body, {k: v for k, v in resp.headers.items() if k == "retry-after"})
                 continue
-            if resp.status_code != 200:
-                body = await resp.aread()
+            return Response(body, status_code=resp.status_code)
+
+        async def relay(resp=resp, worker=worker):
+            try:
+                async for piece in resp.aiter_raw():
+                    yield piece
+            except httpx.TransportError:
+                yield P.llava_frame({"text": str(_mid_stream_error(worker)), "error_code": 3})
+            finally:
                 await resp.aclose()
-                code = _llava_error_code(body)
-                if ctl.drop_if_broken(worker, resp.status_code, code) or resp.status_code in RETRYABLE_STATUS:
-                    last = (resp.status_code, body, {k: v for k, v in resp.headers.items() if k == "retry-after"})
-                    continue
-                return Response(body, status_code=resp.status_code)
 
-            async def relay(resp=resp, worker=worker):
-                try:
-                    async for piece in resp.aiter_raw():
-                        yield piece
-                except httpx.TransportError:
-                    yield P.llava_frame({"text": str(_mid_stream_error(worker)), "error_code": 3})
-                finally:
-                    await resp.aclose()
+        return StreamingResponse(relay())
+    if last is not None:
+        return Response(last[1], status_code=last[0], headers=last[2])
+    return Response(P.llava_frame({"text": LLAVA_NO_WORKER, "error_code": 2}))
 
-            return StreamingResponse(relay())
-        if last is not None:
-            return Response(last[1], status_code=last[0], headers=last[2])
-        return Response(P.llava_frame({"text": LLAVA_NO_WORKER, "error_code": 2}))
 
-    # ----------------------------------------------------------------------------------- OpenAI routes
-    @app.get("/v1/models")
+def openai_routes(ctl: Controller) -> APIRouter:
+    """``/v1/models`` and ``/v1/chat/completions``, routed by model name."""
+    router, reg = APIRouter(), ctl.registry
+
+    @router.get("/v1/models")
     async def v1_models(request: Request):
         check_api_key(request, ctl.api_keys)
         now = int(time.time())
         return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "fastllava"}
                                            for m in reg.models()]}  # fmt: skip
 
-    @app.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_api_key(request, ctl.api_keys)
         ctl.check_loop(request)
@@ -364,86 +386,118 @@ def build_app(ctl: Controller) -> FastAPI:
                                reg.limits(model) if isinstance(model, str) else None)  # fmt: skip
         if body.model is None:
             raise P.bad_request("'model' (a string) is required", "model")
-        stream, include_usage = body.stream, body.include_usage if body.stream else True
         # always stream from the worker: the first event tells us it has started, so retries are safe before it
         payload = {**body.model_dump(exclude_unset=True), "stream": True, "stream_options": {"include_usage": True}}
-        rid = request_id_var.get()
-        ctl.counters["requests"] += 1
-        opened = ctl.open_stream(body.model, payload, ctl.forward_headers(request, rid))
+        ctl.metrics.requests.inc()
+        opened = ctl.open_stream(body.model, payload, ctl.forward_headers(request, request_id_var.get()))
         worker, resp, lines, first = await until_disconnected(request, opened)
-        model = body.model
-        logger.info("routed a chat request for %s to %s", model, worker)
-
-        async def events():
-            """Worker events after the first, as parsed payloads; an error event if the worker dies."""
-            try:
-                while True:
-                    ev = await _next_event(lines)
-                    yield ev
-                    if ev == "[DONE]":
-                        return
-            except StopAsyncIteration:
-                ctl.counters["failed_mid_stream"] += 1
-                yield json.dumps(_mid_stream_error(worker).body())
-            except httpx.TransportError:
-                ctl.counters["failed_mid_stream"] += 1
-                reg.remove(worker, "the connection broke mid-stream")
-                yield json.dumps(_mid_stream_error(worker).body())
-            finally:
-                await resp.aclose()
-
-        if stream:
-
-            async def relay():
-                try:
-                    yield _sse_raw(first, include_usage)
-                    async with contextlib.aclosing(events()) as evs:
-                        async for ev in evs:
-                            out = _sse_raw(ev, include_usage)
-                            if out:
-                                yield out
-                            if ev.startswith('{"error"'):
-                                yield P.SSE_DONE
-                                return
-                finally:
-                    await resp.aclose()  # also when the client left: the worker sees it and aborts
-
+        logger.info("routed a chat request for %s to %s", body.model, worker)
+        events = _worker_events(ctl, worker, resp, lines)
+        if body.stream:
+            relay = _relay_events(first, events, resp, body.include_usage)
             headers = {"Cache-Control": "no-cache", "X-Fastllava-Worker": worker}
-            return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
-
-        async def collect():
-            evs = [json.loads(first)]
-            async for ev in events():
-                if ev == "[DONE]":
-                    break
-                evs.append(json.loads(ev))
-            return evs
-
-        evs = await until_disconnected(request, collect())
+            return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
+        evs = await until_disconnected(request, _collect_events(first, events))
         if "error" in evs[-1]:
             e = evs[-1]["error"]
             raise P.APIError(502 if e.get("code") == "worker_failed" else 500, e["message"], e.get("type"),
                              e.get("param"), e.get("code"))  # fmt: skip
         text, reason, use = P.assemble(evs)
-        answer = P.completion(evs[0]["id"], model, text, reason, use, evs[0].get("created"))
+        answer = P.completion(evs[0]["id"], body.model, text, reason, use, evs[0].get("created"))
         return JSONResponse(answer, headers={"X-Fastllava-Worker": worker})
 
-    @app.get("/health")
+    return router
+
+
+async def _worker_events(ctl: Controller, worker: str, resp: httpx.Response, lines):
+    """A worker's events after the first, as raw payloads; an error event if the worker dies."""
+    try:
+        while True:
+            ev = await _next_event(lines)
+            yield ev
+            if ev == "[DONE]":
+                return
+    except StopAsyncIteration:
+        ctl.metrics.failed_mid_stream.inc()
+        yield json.dumps(_mid_stream_error(worker).body())
+    except httpx.TransportError:
+        ctl.metrics.failed_mid_stream.inc()
+        ctl.registry.remove(worker, "the connection broke mid-stream")
+        yield json.dumps(_mid_stream_error(worker).body())
+    finally:
+        await resp.aclose()
+
+
+async def _relay_events(first: str, events, resp: httpx.Response, include_usage: bool):
+    """The client's SSE stream: the first event, then the worker's, ending at [DONE] or after an error event."""
+    try:
+        yield _sse_raw(first, include_usage)
+        async with contextlib.aclosing(events) as evs:
+            async for ev in evs:
+                out = _sse_raw(ev, include_usage)
+                if out:
+                    yield out
+                if ev.startswith('{"error"'):
+                    yield P.SSE_DONE
+                    return
+    finally:
+        await resp.aclose()  # also when the client left: the worker sees it and aborts
+
+
+async def _collect_events(first: str, events) -> list[dict]:
+    evs = [json.loads(first)]
+    async for ev in events:
+        if ev == "[DONE]":
+            break
+        evs.append(json.loads(ev))
+    return evs
+
+
+class ControllerMetrics:
+    """The controller's Prometheus registry (``GET /metrics``, through prometheus_client as the worker's):
+    registered workers, read at scrape time, and counters of routed, retried and mid-stream-failed requests."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        workers = Gauge("fastllava_controller_workers", "Workers registered with the controller", registry=r)
+        workers.set_function(lambda: len(registry.workers))
+        self.requests = Counter("fastllava_controller_requests", "Chat requests routed to a worker", registry=r)
+        self.retries = Counter(
+            "fastllava_controller_retries", "Worker attempts after a request's first (failover)", registry=r
+        )
+        self.failed_mid_stream = Counter(
+            "fastllava_controller_failed_mid_stream", "Requests whose worker failed after the first token", registry=r
+        )
+
+    def response(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def ops_routes(ctl: Controller) -> APIRouter:
+    """``/health`` and ``/metrics``."""
+    router = APIRouter()
+
+    @router.get("/health")
     async def health():
-        n = len(reg.models())
-        return JSONResponse({"status": "ok" if n else "no_workers", "models": reg.models(),
-                             "workers": len(reg.workers)})  # fmt: skip
+        n = len(ctl.registry.models())
+        return JSONResponse({"status": "ok" if n else "no_workers", "models": ctl.registry.models(),
+                             "workers": len(ctl.registry.workers)})  # fmt: skip
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def metrics():
-        lines = [
-            "# TYPE fastllava_controller_workers gauge",
-            f"fastllava_controller_workers {len(reg.workers)}",
-        ]
-        for k, v in ctl.counters.items():
-            lines += [f"# TYPE fastllava_controller_{k}_total counter", f"fastllava_controller_{k}_total {v}"]
-        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return ctl.metrics.response()
 
+    return router
+
+
+def build_app(ctl: Controller) -> FastAPI:
+    app = FastAPI(title="fastllava controller", lifespan=_lifespan(ctl))
+    app.add_middleware(LimitsMiddleware, max_body_bytes=ctl.args.max_body_bytes,
+                       body_timeout=ctl.args.body_timeout, logger=logger)  # fmt: skip
+    install_error_handlers(app, logger)
+    for router in (worker_routes(ctl), llava_routes(ctl), openai_routes(ctl), ops_routes(ctl)):
+        app.include_router(router)
     return app
 
 

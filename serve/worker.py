@@ -28,7 +28,7 @@ import time
 import uuid
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from fastllava import envs
@@ -285,8 +285,8 @@ async def _collect(stream) -> tuple[str, Delta]:
     return "".join(parts), last
 
 
-def build_app(server: WorkerServer) -> FastAPI:
-    """The worker's FastAPI app (the model loads on startup, in a thread)."""
+def _lifespan(server: WorkerServer):
+    """The model loads on startup, in a thread (``/health`` says 503 until it is ready)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -294,38 +294,46 @@ def build_app(server: WorkerServer) -> FastAPI:
         yield
         server.backend.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="fastllava worker", lifespan=lifespan)
-    app.add_middleware(LimitsMiddleware, max_body_bytes=server.args.max_body_bytes,
-                       body_timeout=server.args.body_timeout, logger=logger)  # fmt: skip
-    install_error_handlers(app, logger)
-    backend = server.backend
+    return lifespan
 
-    @app.get("/health")
+
+def ops_routes(server: WorkerServer) -> APIRouter:
+    """``/health``, ``/metrics`` and LLaVA's status routes."""
+    router, backend = APIRouter(), server.backend
+
+    @router.get("/health")
     async def health():
         ok = server.state == "ready"
         return JSONResponse({"status": server.state}, status_code=200 if ok else 503,
                             headers={} if ok else {"Retry-After": "2"})  # fmt: skip
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     async def metrics():
         body, ctype = server.metrics.render()
         return Response(body, media_type=ctype)
 
-    @app.post("/worker_get_status")
+    @router.post("/worker_get_status")
     async def worker_get_status():
         return server.status()
 
-    @app.post("/model_details")
+    @router.post("/model_details")
     async def model_details():
         return {"context_length": backend.context_len}
 
-    @app.get("/v1/models")
+    return router
+
+
+def openai_routes(server: WorkerServer) -> APIRouter:
+    """``/v1/models`` and ``/v1/chat/completions`` (OpenAI-compatible, streamed or not)."""
+    router, backend = APIRouter(), server.backend
+
+    @router.get("/v1/models")
     async def models(request: Request):
         server.check_key(request)
         card = {"id": backend.model_name, "object": "model", "created": int(time.time()), "owned_by": "fastllava"}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         server.check_key(request)
         server.check_ready()
@@ -362,7 +370,14 @@ def build_app(server: WorkerServer) -> FastAPI:
             if not handed_off:
                 tracker.__exit__(None, None, None)
 
-    @app.post("/worker_generate_stream")
+    return router
+
+
+def llava_routes(server: WorkerServer) -> APIRouter:
+    """LLaVA's ``/worker_generate_stream``."""
+    router, backend = APIRouter(), server.backend
+
+    @router.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request):
         """LLaVA's worker stream: ``{"text": prompt + answer so far, "error_code": 0}`` frames; errors are
         frames with ``error_code`` 1 and the error's HTTP status."""
@@ -403,6 +418,17 @@ def build_app(server: WorkerServer) -> FastAPI:
 
         return StreamingResponse(frames())
 
+    return router
+
+
+def build_app(server: WorkerServer) -> FastAPI:
+    """The worker's FastAPI app: middleware, error handlers and the route groups above."""
+    app = FastAPI(title="fastllava worker", lifespan=_lifespan(server))
+    app.add_middleware(LimitsMiddleware, max_body_bytes=server.args.max_body_bytes,
+                       body_timeout=server.args.body_timeout, logger=logger)  # fmt: skip
+    install_error_handlers(app, logger)
+    for router in (ops_routes(server), openai_routes(server), llava_routes(server)):
+        app.include_router(router)
     return app
 
 

@@ -42,8 +42,9 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VisionConfig:
-        """Parse a CLIP / SigLIP vision ``config.json`` (or a llava-hf ``vision_config``); unknown keys ignored."""
-        d = dict(d)
+        """Parse a CLIP / SigLIP vision ``config.json`` (a ``CLIPVisionModel``'s, or a full ``CLIPModel``'s, which
+        nests it under ``vision_config``) or a llava-hf ``vision_config``; unknown keys ignored."""
+        d = dict(d.get("vision_config") or d)
         d.setdefault("model_type", "clip_vision_model")
         if "siglip" in d["model_type"]:
             d.setdefault("hidden_act", "gelu_pytorch_tanh")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from fastllava.config import load_json
+from fastllava.config import TextConfig, VisionConfig, load_json
 from fastllava.model import checkpoint, weights
 from fastllava.model.export import hf_config_dict, save_llava_hf, save_llava_original
 from fastllava.model.llava import LlavaModel
@@ -177,3 +177,17 @@ def test_checkpoint_keys_of_pickles_needs_opt_in(tmp_path):
         "language_model.norm.weight": keys[0],
         "language_model.lm_head.weight": keys[1],
     }
+
+
+@pytest.mark.parametrize("kind", ["llama-mlp", "qwen2-tied", "mlp3x", "siglip"])
+def test_config_serializers_round_trip_through_transformers(kind):
+    """TextConfig / VisionConfig -> config.json dict -> transformers' config class -> its dict -> ours again."""
+    cfg = tiny_config(**CONFIGS[kind])
+    text_dict, vision_dict = cfg.text.to_hf_dict(), cfg.vision.to_hf_dict()
+    hf_text = transformers.AutoConfig.for_model(**text_dict).to_dict()
+    hf_vision = transformers.AutoConfig.for_model(**vision_dict).to_dict()
+    assert TextConfig.from_dict(hf_text) == cfg.text
+    assert VisionConfig.from_dict(hf_vision) == cfg.vision
+    # a full CLIPModel / SiglipModel folder nests the tower's config under vision_config
+    full = {"model_type": "clip", "text_config": {"hidden_size": 7}, "vision_config": hf_vision}
+    assert VisionConfig.from_dict(full) == cfg.vision

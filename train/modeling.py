@@ -67,8 +67,7 @@ def build_from_lm_and_tower(model_args, train_args) -> tuple[object, LlavaModel,
     tokenizer.padding_side = "right"
     image_id = _ensure_image_token(tokenizer)
     text = TextConfig.from_dict(load_json(lm_dir / "config.json"))
-    tower_cfg = load_json(tower_dir / "config.json")
-    vision = VisionConfig.from_dict(tower_cfg.get("vision_config", tower_cfg))
+    vision = VisionConfig.from_dict(load_json(tower_dir / "config.json"))
     text.vocab_size = max(text.vocab_size, len(tokenizer))
     if text.pad_token_id is None:
         text.pad_token_id = tokenizer.pad_token_id
@@ -108,7 +107,7 @@ def build_model(model_args, data_args, train_args) -> tuple[object, LlavaModel, 
     path = Path(model_args.model_name_or_path)
     model_args.image_aspect_ratio = data_args.image_aspect_ratio
     mtype = load_json(path / "config.json").get("model_type", "")
-    if mtype in ("llava", "llava_next") or mtype.startswith("llava_"):
+    if mtype in weights.HF_MODEL_TYPES or mtype.startswith("llava_"):
         tokenizer, model, processor, _ = builder.load_pretrained_model(str(path), device="cpu", dtype=torch.float32)
         tokenizer.model_max_length = train_args.model_max_length
         model.config.image_aspect_ratio = data_args.image_aspect_ratio if not model.config.is_anyres else "anyres"

@@ -149,8 +149,7 @@ def _vision_tower(cfg: dict, model_path: Path) -> tuple[Path, dict]:
 def _load_llava(model_path: Path, model_base: Path | None, allow_pickle, shard: RankShard | None = None):
     cfg = load_json(model_path / "config.json")
     tower_dir, tower_cfg = _vision_tower(cfg, model_path)
-    vcfg = tower_cfg.get("vision_config", tower_cfg)  # a full CLIPModel folder nests it
-    config = LlavaConfig.from_llava_dict(cfg, VisionConfig.from_dict(vcfg))
+    config = LlavaConfig.from_llava_dict(cfg, VisionConfig.from_dict(tower_cfg))
     is_lora = (model_path / "adapter_config.json").is_file()
     if is_lora and shard is not None:
         raise ckpt.CheckpointError("tensor parallelism needs a merged checkpoint: merge the LoRA run first "

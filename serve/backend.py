@@ -72,6 +72,7 @@ class BackendConfig:
     max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_CAP x the context length
     max_pixels_in_flight: int = 8 * 4096 * 4096  # image pixels being decoded/preprocessed at once
 
+    tensor_parallel_size: int = 1  # ranks the language model is sharded over (one process per device)
 
 @dataclass
 class SamplingArgs:
@@ -158,6 +159,7 @@ class EngineBackend:
             dtype=c.dtype,
             attn_implementation=c.attn_implementation,
         )
+            tensor_parallel_size=c.tensor_parallel_size,
         mode = c.conv_mode or guess_conv_mode(self.model_name)
         if mode not in conv_templates:
             raise ValueError(f"conv_mode {mode!r} is unknown; choose from {sorted(conv_templates)}")

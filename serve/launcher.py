@@ -121,8 +121,8 @@ def run_stack(args: argparse.Namespace) -> int:
     try:
         procs.append(Proc("controller", module_cmd("controller", "--host", host, "--port", cport), log_dir, env))
         worker_cmd = module_cmd("worker", "--host", host, "--port", wport, "--controller-address", controller_url,
-                                "--worker-address", worker_url, "--model-path", args.model_path,
-                                "--device", args.device)  # fmt: skip
+                                "--worker-address", worker_url, "--model-path", args.model_path, "--device",
+                                args.device, "--tensor-parallel-size", args.tensor_parallel_size)  # fmt: skip
         worker_cmd += list(args.worker_args or [])
         procs.append(Proc("worker", worker_cmd, log_dir, env))
         print(f"worker pid {procs[1].popen.pid}", flush=True)
@@ -199,6 +199,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controller-port", type=int, default=None, help="default: a free port")
     p.add_argument("--worker-port", type=int, default=None, help="default: a free port")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="the worker's ranks (one per device)")
     p.add_argument("--worker-token", default=None, help="default: $FASTLLAVA_WORKER_TOKEN or a random one")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--load-timeout", type=float, default=600.0)

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import os
 import threading
 import time
 import uuid
@@ -51,6 +52,7 @@ from .metrics import WorkerMetrics
 
 logger = setup_logging("fastllava.worker")
 WORKER_TOKEN_HEADER = "X-Worker-Token"
+RANK_FAILURE_EXIT_S = 5.0  # after a tensor-parallel rank died: seconds until the worker exits regardless
 EXIT_ENGINE_DEAD = 3  # the exit status after the engine died (a supervisor restarts the worker)
 
 
@@ -132,6 +134,7 @@ class WorkerServer:
                 default_max_tokens=args.default_max_tokens,
                 preprocess_threads=args.preprocess_threads,
                 max_prompt_chars=args.max_prompt_chars,
+                tensor_parallel_size=args.tensor_parallel_size,
                 max_pixels_in_flight=args.max_pixels_in_flight or args.max_images * args.max_image_pixels,
             ),
             on_dead=self.on_dead,
@@ -162,6 +165,8 @@ class WorkerServer:
             logger.exception("loading %s failed", self.args.model_path)
             return
         self.state = "ready"
+        if self.args.tensor_parallel_size > 1:
+            self.backend.model.on_failure(self.on_rank_failure)
         logger.info("model %s loaded in %.1fs", self.backend.model_name, time.perf_counter() - t0)
         if not self.args.no_register:
             self.registrar = Registrar(
@@ -179,7 +184,13 @@ class WorkerServer:
         if self.registrar is not None:
             threading.Thread(target=self.registrar.stop, name="unregister", daemon=True).start()
         if self.server is not None:  # a moment for the failed streams to send their error events
-            asyncio.get_running_loop().call_later(1.0, setattr, self.server, "should_exit", True)
+            threading.Timer(1.0, setattr, (self.server, "should_exit", True)).start()
+
+    def on_rank_failure(self, exc: BaseException) -> None:
+        """A tensor-parallel rank died (the model's monitor thread): the steps in flight fail with that error;
+        exit as a dead engine does, and for certain (a collective stuck on the dead rank never returns)."""
+        self.on_dead(exc)
+        threading.Timer(RANK_FAILURE_EXIT_S, os._exit, (EXIT_ENGINE_DEAD,)).start()
 
     @property
     def address(self) -> str:
@@ -443,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heart-beat-interval", type=float, default=15.0)
     p.add_argument("--model-path", required=True)
     p.add_argument("--model-base", default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the language model over N ranks, one process per device (NCCL / gloo)")  # fmt: skip
     p.add_argument("--model-name", default=None)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--dtype", default=None)

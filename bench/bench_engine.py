@@ -10,7 +10,10 @@ one finished), five servers run the same greedy requests on the same weights:
   baseline: what a llava-hf user runs), on our weights converted by ``fastllava.model.export.hf_state_dict``;
 - ``hf_static``: the same on static batches of ``concurrency`` requests, left-padded as llava-hf expects;
 - ``sequential`` / ``static``: our own ``model.generate`` the same two ways (LLaVA's worker, minus its 5-way
-  concurrency; right-padded batches packed by the LLaVA-style adapter); ``sequential`` on CPU only.
+  concurrency; right-padded batches split by the LLaVA-style adapter); ``sequential`` on CPU only. ``generate``
+  is an adapter over the engine (``fastllava.generation``: an engine sized per call, no CUDA graphs), so these
+  two measure LLaVA's calling pattern (one request, or one static batch to its longest member, at a time) on
+  the engine's own decode, not a second decode loop.
 
 The static servers skip concurrency 1 (batches of one are the one-at-a-time run again). Every server is warmed
 up first with its own short request carrying a fresh image, so compiles and autotuning stay out of the timings.

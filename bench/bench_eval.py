@@ -9,6 +9,10 @@ greedily by the same model through ``eval.runner.answer_all`` with three backend
 - ``one_at_a_time``: ``model.generate`` per question, LLaVA's ``model_vqa.py`` loop;
 - ``static``: ``model.generate`` on padded batches of the engine's batch size (``--backend static``).
 
+``model.generate`` is the padded API over the engine (``fastllava.generation``): the baselines run the engine's
+decode under LLaVA's calling pattern (one question, or one static batch run to its longest answer, at a time),
+so the ratios measure the scheduling (continuous batching, prefetch), not a second decode loop.
+
 Each series times everything after model loading: prompt building, tokenization, image loading and
 preprocessing, generation, detokenization. Recorded as ``"kind": "eval_throughput"`` records (questions/s).
 On CPU (fp32) the engine's answers are checked equal to the one-at-a-time answers.

@@ -16,16 +16,11 @@ import re
 import torch
 
 from fastllava import load_pretrained_model
-from fastllava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
-    IMAGE_PLACEHOLDER,
-    IMAGE_TOKEN_INDEX,
-)
+from fastllava.constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from fastllava.conversation import conv_templates, guess_conv_mode
 from fastllava.image_io import load_image
 from fastllava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+from fastllava.prompting import image_tag, with_image
 
 
 def image_parser(args: argparse.Namespace) -> list[str]:
@@ -38,14 +33,9 @@ def load_images(image_files: list[str]) -> list:
 
 def build_query(query: str, mm_use_im_start_end: bool) -> str:
     """LLaVA's: the image tag(s) where ``<image-placeholder>`` stands, else one tag before the query."""
-    tag = (
-        DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-        if mm_use_im_start_end
-        else DEFAULT_IMAGE_TOKEN
-    )
     if IMAGE_PLACEHOLDER in query:
-        return re.sub(IMAGE_PLACEHOLDER, tag, query)
-    return tag + "\n" + query
+        return re.sub(IMAGE_PLACEHOLDER, image_tag(mm_use_im_start_end), query)
+    return with_image(query, mm_use_im_start_end)
 
 
 def eval_model(args: argparse.Namespace) -> str:

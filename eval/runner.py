@@ -7,7 +7,8 @@
 - ``EngineBackend``: the continuous-batching engine (``fastllava.engine.LLMEngine``). Questions are queued as a
   sliding window of ``2 * batch_size`` requests; prompts are tokenized and images loaded and preprocessed one
   question ahead in a background thread, so the model never waits on the disk.
-- ``StaticBackend``: ``model.generate`` over left-padded batches; with ``batch_size=1`` it is LLaVA's own loop,
+- ``StaticBackend``: ``model.generate`` (the padded API, an adapter over the same engine) on left-padded static
+  batches, each run to its longest answer before the next starts; with ``batch_size=1`` it is LLaVA's own loop,
   one ``generate`` per question (the baseline of ``bench/bench_eval.py``).
 - ``ServerBackend``: an OpenAI-compatible ``/v1/chat/completions`` server (fastllava's own, or any other),
   ``concurrency`` requests in flight.
@@ -30,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastllava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from fastllava.conversation import SeparatorStyle, conv_templates
+from fastllava.constants import IMAGE_TOKEN_INDEX
 from fastllava.image_io import load_image
 from fastllava.mm_utils import process_images, tokenizer_image_token
+from fastllava.prompting import question_prompt, template_stop
 
 from .questions import Question
 
@@ -85,21 +86,12 @@ class Prompter:
     seed: int = 0
 
     def prompt(self, q: Question) -> str:
-        qs = q.text
-        if q.image is not None:
-            if getattr(self.model_config, "mm_use_im_start_end", False):
-                qs = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n" + qs
-            else:
-                qs = DEFAULT_IMAGE_TOKEN + "\n" + qs
-        conv = conv_templates[self.conv_mode].copy()
-        conv.append_message(conv.roles[0], qs)
-        conv.append_message(conv.roles[1], None)
-        return conv.get_prompt()
+        mm_tags = getattr(self.model_config, "mm_use_im_start_end", False)
+        return question_prompt(self.conv_mode, q.text, image=q.image is not None, mm_use_im_start_end=mm_tags)
 
     def stop_strings(self) -> list[str]:
-        conv = conv_templates[self.conv_mode]
-        stop = conv.sep if conv.sep_style != SeparatorStyle.TWO else conv.sep2
-        return [stop] if stop and stop.strip() else []
+        stop = template_stop(self.conv_mode)
+        return [stop] if stop else []
 
     def __call__(self, index: int, q: Question) -> Prepared:
         prompt = self.prompt(q)
@@ -211,7 +203,8 @@ class EngineBackend(_LocalBackend):
 
 @dataclass
 class StaticBackend(_LocalBackend):
-    """``model.generate`` on left-padded batches of ``batch_size`` (1: LLaVA's one-at-a-time loop)."""
+    """``model.generate`` on left-padded static batches of ``batch_size`` (1: LLaVA's one-at-a-time loop); the decode
+    is the engine's (``fastllava.generation``), the batching LLaVA's."""
 
     def run(self, questions: Sequence[Question], params: GenParams) -> Iterator[tuple[int, str, dict]]:
         prompter = self.prompter(params)

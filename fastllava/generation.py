@@ -22,8 +22,8 @@ import torch
 
 from fastllava.engine import EngineConfig, EngineImage, LLMEngine, SamplingParams
 from fastllava.mm_utils import StopStrings
-from fastllava.model.llava import LlavaModel, PaddedRows
-from fastllava.packing import expand_image_tokens, image_token_count
+from fastllava.model.llava import LlavaModel
+from fastllava.packing import ImageInput, expand_image_tokens, image_token_count
 
 
 def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
@@ -37,13 +37,16 @@ def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def engine_for(model, rows: PaddedRows, max_new_tokens: int, block_size: int = 16, **overrides) -> LLMEngine:
-    """An engine sized for one static batch: every prompt prefills in one step, the KV cache holds every row's
-    prompt + ``max_new_tokens`` (no preemption), no prefix cache and no CUDA graphs (built for one call), no
-    overlap (outputs arrive in the step that sampled them)."""
+def engine_for(
+    model, prompts: list[list[int]], images: list[list[ImageInput]], max_new_tokens: int, block_size: int = 16
+) -> LLMEngine:
+    """An engine sized for one static batch (``prompts`` with image placeholders, each one's ``images``): every
+    prompt prefills in one step, the KV cache holds every row's prompt + ``max_new_tokens`` (no preemption), no
+    prefix cache and no CUDA graphs (built for one call), no overlap (outputs arrive in the step that sampled
+    them)."""
     cfg = model.config
-    counts = [[image_token_count(cfg, im.size_hw) for im in imgs] for imgs in rows.images]
-    lens = [len(expand_image_tokens(ids, c, cfg.image_token_index)[0]) for ids, c in zip(rows.ids, counts, strict=True)]
+    counts = [[image_token_count(cfg, im.size_hw) for im in imgs] for imgs in images]
+    lens = [len(expand_image_tokens(ids, c, cfg.image_token_index)[0]) for ids, c in zip(prompts, counts, strict=True)]
     config = EngineConfig(
         block_size=block_size,
         num_blocks=sum(math.ceil((n + max_new_tokens) / block_size) for n in lens),
@@ -58,8 +61,6 @@ def engine_for(model, rows: PaddedRows, max_new_tokens: int, block_size: int = 1
         cuda_graphs=False,
         overlap_scheduling=False,
     )
-    for key, value in overrides.items():
-        setattr(config, key, value)
     return LLMEngine(model, None, config)
 
 
@@ -124,7 +125,7 @@ def generate(
         stop_token_ids=eos,
     )
     was_training = model.training
-    engine = engine_for(model, rows, max_new_tokens, block_size)
+    engine = engine_for(model, rows.ids, rows.images, max_new_tokens, block_size)
     engine.runner.keep_logits = bool(stopping_criteria)
     for b, (ids, imgs) in enumerate(zip(rows.ids, rows.images, strict=True)):
         # content hashes need only tell this call's images apart (the engine lives for this call)

@@ -12,10 +12,10 @@ preprocessed and hashed and the context checked). The pool's size bounds how man
 at once, and ``PixelBudget`` bounds the image pixels they hold. The engine's errors become HTTP errors
 here (``engine_errors``).
 
-Prompts are built as ``serve.cli`` builds them: the LLaVA template guessed from the model name (or
-``conv_mode``), the checkpoint's chat template when it carries one, ``<image>`` placeholders expanded by
-``tokenizer_image_token`` and then by the engine into as many slots as each image yields, so the prompt
-length (and ``usage.prompt_tokens``) counts image tokens.
+Prompts are built by ``fastllava.prompting``, as ``serve.cli`` builds them: the LLaVA template guessed from the
+model name (or ``conv_mode``), the checkpoint's chat template when it carries one, ``<image>`` placeholders
+expanded by ``tokenizer_image_token`` and then by the engine into as many slots as each image yields, so the
+prompt length (and ``usage.prompt_tokens``) counts image tokens.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fastllava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from fastllava.conversation import SeparatorStyle, apply_chat_template, conv_templates, guess_conv_mode
+from fastllava.constants import IMAGE_TOKEN_INDEX
+from fastllava.conversation import guess_conv_mode
 from fastllava.engine import (
     AsyncLLMEngine,
     EngineConfig,
@@ -44,6 +44,7 @@ from fastllava.engine import (
     SamplingParams,
 )
 from fastllava.mm_utils import get_model_name_from_path, tokenizer_image_token
+from fastllava.prompting import messages_prompt, template, template_stop
 
 from . import protocol as P
 from .images import ImagePolicy, PixelBudget, decode_sources, image_sources
@@ -71,8 +72,8 @@ class BackendConfig:
     preprocess_threads: int = 2  # the pool that decodes, tokenizes and preprocesses requests
     max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_CAP x the context length
     max_pixels_in_flight: int = 8 * 4096 * 4096  # image pixels being decoded/preprocessed at once
-
     tensor_parallel_size: int = 1  # ranks the language model is sharded over (one process per device)
+
 
 @dataclass
 class SamplingArgs:
@@ -158,12 +159,10 @@ class EngineBackend:
             device=c.device,
             dtype=c.dtype,
             attn_implementation=c.attn_implementation,
-        )
             tensor_parallel_size=c.tensor_parallel_size,
-        mode = c.conv_mode or guess_conv_mode(self.model_name)
-        if mode not in conv_templates:
-            raise ValueError(f"conv_mode {mode!r} is unknown; choose from {sorted(conv_templates)}")
-        self.conv_mode = mode
+        )
+        self.conv_mode = c.conv_mode or guess_conv_mode(self.model_name)
+        template(self.conv_mode)  # an unknown one is a ValueError naming the known ones
         engine = LLMEngine(
             self.model,
             self.tokenizer,
@@ -191,39 +190,12 @@ class EngineBackend:
         return P.Limits(self.context_len, self.vocab_size, chars, max_images)
 
     # ------------------------------------------------------------------------------------------ prompts
-    def _image_tag(self) -> str:
-        if getattr(self.model.config, "mm_use_im_start_end", False):
-            return DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-        return DEFAULT_IMAGE_TOKEN
-
     def chat_prompt(self, messages: list[P.Message]) -> str:
-        """The prompt for OpenAI-style messages: system text replaces the template's system prompt; each
-        image part becomes an ``<image>`` where it stands (LLaVA puts it first: "<image>\\ntext")."""
-        conv = conv_templates[self.conv_mode].copy()
-        system = [p for m in messages if m.role == "system" for p in m.content if isinstance(p, str)]
-        if system:
-            conv.system = "\n".join(system)
-        roles = {"user": conv.roles[0], "assistant": conv.roles[1]}
-        turns: list[tuple[str, str]] = []
-        for m in messages:
-            if m.role == "system":
-                continue
-            pieces = [self._image_tag() if isinstance(p, P.ImageRef) else p.strip() for p in m.content]
-            text = "\n".join(p for p in pieces if p)
-            if turns and turns[-1][0] == roles[m.role]:  # merge consecutive turns of one role
-                turns[-1] = (turns[-1][0], turns[-1][1] + "\n" + text)
-            else:
-                turns.append((roles[m.role], text))
-        for role, text in turns:
-            conv.append_message(role, text)
-        conv.append_message(conv.roles[1], None)
-        return apply_chat_template(self.tokenizer, conv) or conv.get_prompt()
-
-    def template_stop(self) -> str | None:
-        """The template's end-of-turn separator (what LLaVA's workers stop on)."""
-        conv = conv_templates[self.conv_mode]
-        stop = conv.sep if conv.sep_style != SeparatorStyle.TWO else conv.sep2
-        return stop if stop and stop.strip() else None
+        """The prompt for OpenAI-style messages (``fastllava.prompting.messages_prompt``): each image part becomes
+        the image tag where it stands, system text replaces the template's system prompt."""
+        turns = [(m.role, m.content) for m in messages]  # content parts: text, or a P.ImageRef for an image
+        mm_tags = getattr(self.model.config, "mm_use_im_start_end", False)
+        return messages_prompt(self.conv_mode, turns, self.tokenizer, mm_tags)
 
     # ---------------------------------------------------------------------------------------- requests
     async def prepare(
@@ -258,7 +230,7 @@ class EngineBackend:
             param = "prompt" if isinstance(prompt, str) else "messages"
             raise P.bad_request(f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images", param)
         stops = list(args.stop)
-        if (t := self.template_stop()) is not None and t not in stops:
+        if (t := template_stop(self.conv_mode)) is not None and t not in stops:
             stops.append(t)
         clamp = args.clamp_max_tokens or args.max_tokens is None
         with engine_errors(request_id, context_len=self.context_len):

@@ -14,10 +14,11 @@ import sys
 
 import torch
 
-from fastllava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from fastllava.conversation import SeparatorStyle, apply_chat_template, conv_templates, guess_conv_mode
+from fastllava.constants import IMAGE_TOKEN_INDEX
+from fastllava.conversation import conv_templates, guess_conv_mode
 from fastllava.image_io import ImageLoadError, load_image
 from fastllava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+from fastllava.prompting import render, template, template_stop, with_image
 
 
 class TextStreamer:
@@ -80,25 +81,19 @@ class Chat:
 
     def __init__(self, tokenizer, model, image_processor, conv_mode: str, image=None, args=None) -> None:
         self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
-        self.conv = conv_templates[conv_mode].copy()
+        self.conv = template(conv_mode)
         self.args = args
         self.image = image
         self.image_tensor = process_images([image], image_processor, model.config) if image is not None else None
         self.image_pending = image is not None
 
     def prompt_for(self, text: str) -> str:
-        if self.image_pending:
-            if self.model.config.mm_use_im_start_end:
-                text = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN + "\n" + text
-            else:
-                text = DEFAULT_IMAGE_TOKEN + "\n" + text
+        if self.image_pending:  # the image goes with the first question, as in LLaVA's CLI
+            text = with_image(text, self.model.config.mm_use_im_start_end)
             self.image_pending = False
         self.conv.append_message(self.conv.roles[0], text)
         self.conv.append_message(self.conv.roles[1], None)
-        return apply_chat_template(self.tokenizer, self.conv) or self.conv.get_prompt()
-
-    def stop_string(self) -> str | None:
-        return self.conv.sep if self.conv.sep_style != SeparatorStyle.TWO else self.conv.sep2
+        return render(self.conv, self.tokenizer)
 
     def ask(self, text: str, streamer=None) -> str:
         prompt = self.prompt_for(text)
@@ -107,7 +102,7 @@ class Chat:
         if self.image_tensor is not None:
             images = self.image_tensor
             sizes = [self.image.size]  # LLaVA's images= call: PIL's (W, H) for every checkpoint layout
-        stop = self.stop_string()
+        stop = template_stop(self.conv)
         a = self.args
         out = self.model.generate(
             ids.to(self.model.device),
@@ -117,13 +112,13 @@ class Chat:
             temperature=a.temperature,
             top_p=a.top_p,
             max_new_tokens=a.max_new_tokens,
-            stop_strings=[stop] if stop and stop.strip() else None,
+            stop_strings=[stop] if stop else None,
             tokenizer=self.tokenizer,
             seed=a.seed,
             streamer=streamer,
         )
         answer = self.tokenizer.decode(out[0], skip_special_tokens=True)
-        if stop and stop.strip() and stop in answer:
+        if stop and stop in answer:
             answer = answer[: answer.index(stop)]
         answer = answer.strip()
         self.conv.messages[-1][-1] = answer

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastllava.default_model import ASSET_DIR
 from fastllava.eval import answers as A
@@ -179,8 +180,30 @@ def test_science_qa_questions_and_cli(ckpt, shapes, tmp_path):
     assert [r["question_id"] for r in A.read_jsonl(tmp_path / "sqa.jsonl")] == ["s1", "s2"]
 
 
+@torch.no_grad()
+def _recompute_greedy(model, tok, proc, prompts, images, max_new_tokens):
+    """The oracle: greedy decoding with no KV cache and no engine, every step one packed forward over each whole
+    sequence so far (what ``train.evaluate`` did before it used the engine)."""
+    from fastllava.mm_utils import process_images, tokenizer_image_token
+    from fastllava.packing import ImageInput, pack
+
+    seqs = [tokenizer_image_token(p, tok) for p in prompts]
+    pixels = process_images(images, proc, model.config)
+    inputs = [[ImageInput(px.unsqueeze(0), (im.height, im.width))] for px, im in zip(pixels, images, strict=True)]
+    out, done = [[] for _ in prompts], [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        batch = pack([s + o for s, o in zip(seqs, out, strict=True)], inputs, model.config).to(model.device)
+        nxt = model.logits(model.forward_packed(batch)[batch.last_token_index()]).argmax(-1).tolist()
+        for i, t in enumerate(nxt):
+            done[i] = done[i] or t == tok.eos_token_id
+            if not done[i]:
+                out[i].append(t)
+    return [tok.decode(o, skip_special_tokens=True) for o in out]
+
+
 def test_embedded_matches_train_evaluate(ckpt, shapes, loaded, tmp_path):
-    """The embedded benchmark's answers and accuracy equal ``train.evaluate``'s (packed recompute, greedy)."""
+    """The embedded benchmark's answers and accuracy equal ``train.evaluate``'s, and its answers a greedy packed
+    recompute's (no KV cache, no engine)."""
     from fastllava.train.evaluate import evaluate, greedy_answers
 
     m = embedded.run_embedded(str(ckpt), out=tmp_path / "emb", data_dir=shapes, seed=3, n_eval=24,
@@ -199,9 +222,10 @@ def test_embedded_matches_train_evaluate(ckpt, shapes, loaded, tmp_path):
         conv.append_message(conv.roles[1], None)
         prompts.append(conv.get_prompt())
         images.append(load_image(str(shapes / "images" / r["image"])))
-    oracle = [t.strip() for t in greedy_answers(model, tok, proc, prompts, images, max_new_tokens=4)]
+    oracle = [t.strip() for t in _recompute_greedy(model, tok, proc, prompts, images, max_new_tokens=4)]
     ours = [r["text"] for r in A.read_jsonl(tmp_path / "emb" / "answers.jsonl")]
     assert len(set(oracle)) > 3 and ours == oracle
+    assert [t.strip() for t in greedy_answers(model, tok, proc, prompts, images, max_new_tokens=4)] == oracle
     assert (tmp_path / "emb" / "summary.md").read_text().startswith("| run | Embedded")
 
 

@@ -2,9 +2,9 @@
 
     python -m train.evaluate --model /tmp/run --data /tmp/shapes/eval.json --image_folder /tmp/shapes/images
 
-Prompts are rendered with the conversation template exactly as at serving time (``conv.get_prompt()`` with the
-assistant turn left open) and answered by greedy decoding over packed batches; the first word of the answer
-is compared with the record's ``answer`` (or its last ``gpt`` turn).
+Prompts are rendered with the conversation template exactly as at evaluation time (``fastllava.prompting``: LLaVA's
+``conv.get_prompt()`` with the assistant turn left open) and answered greedily by the engine; the first word of the
+answer is compared with the record's ``answer`` (or its last ``gpt`` turn).
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ from pathlib import Path
 
 import torch
 
-from fastllava.conversation import conv_templates
 from fastllava.data.synthetic import normalize_answer
+from fastllava.engine import SamplingParams
+from fastllava.generation import engine_for
 from fastllava.image_io import load_image
 from fastllava.mm_utils import process_images, tokenizer_image_token
-from fastllava.packing import ImageInput, pack
+from fastllava.packing import ImageInput
+from fastllava.prompting import question_prompt
 
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, processor, prompts: list[str], images: list, max_new_tokens: int = 4) -> list[str]:
-    """Greedy continuation of each prompt (one image each, or None), all prompts packed into one stream."""
+    """Greedy continuation of each prompt (one image each, or None), all prompts at once through the engine
+    (``fastllava.generation.engine_for``: sized for the batch), stopping at the tokenizer's EOS (not in the text)."""
     seqs = [tokenizer_image_token(p, tokenizer) for p in prompts]
     pixels = process_images([im for im in images if im is not None], processor, model.config) if any(images) else []
     inputs, k = [], 0
@@ -33,24 +36,17 @@ def greedy_answers(model, tokenizer, processor, prompts: list[str], images: list
         if im is None:
             inputs.append([])
         else:
-            inputs.append([ImageInput(pixels[k].unsqueeze(0), (im.height, im.width))])
+            inputs.append([ImageInput(pixels[k], (im.height, im.width))])
             k += 1
-    out = [[] for _ in prompts]
-    done = [False] * len(prompts)
     eos = tokenizer.eos_token_id
-    for _ in range(max_new_tokens):
-        batch = pack([s + o for s, o in zip(seqs, out, strict=True)], inputs, model.config).to(model.device)
-        hidden = model.forward_packed(batch)
-        nxt = model.logits(hidden[batch.last_token_index()]).argmax(-1).tolist()
-        for i, t in enumerate(nxt):
-            if not done[i]:
-                if t == eos:
-                    done[i] = True
-                else:
-                    out[i].append(t)
-        if all(done):
-            break
-    return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0, stop_token_ids=[eos] if eos is not None else [])
+    was_training = model.training
+    try:
+        outs = engine_for(model, seqs, inputs, max_new_tokens).generate(seqs, inputs, params)
+    finally:
+        model.train(was_training)  # the engine puts the model in eval mode
+    ids = [o.token_ids[:-1] if o.token_ids and o.token_ids[-1] == eos else o.token_ids for o in outs]
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
 
 
 def predict(model, tokenizer, processor, records: list[dict], image_folder, template: str = "llava_v1",
@@ -62,10 +58,7 @@ def predict(model, tokenizer, processor, records: list[dict], image_folder, temp
         chunk = records[s : s + batch_size]
         prompts, images = [], []
         for r in chunk:
-            conv = conv_templates[template].copy()
-            conv.append_message(conv.roles[0], r["conversations"][0]["value"])
-            conv.append_message(conv.roles[1], None)
-            prompts.append(conv.get_prompt())
+            prompts.append(question_prompt(template, r["conversations"][0]["value"]))  # its <image> is in the text
             images.append(load_image(str(Path(image_folder) / r["image"])) if r.get("image") else None)
         preds += greedy_answers(model, tokenizer, processor, prompts, images, max_new_tokens)
     return preds

@@ -18,14 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastllava.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
-    IGNORE_INDEX,
-)
+from fastllava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from fastllava.conversation import Conversation, SeparatorStyle, conv_templates
 from fastllava.mm_utils import tokenizer_image_token
+from fastllava.prompting import image_tag
 
 
 class SampleError(ValueError):
@@ -102,9 +98,7 @@ def preprocess_multimodal(
             if "mmtag" in (template.version or ""):
                 turn["value"] = turn["value"].replace(DEFAULT_IMAGE_TOKEN, "<Image>" + DEFAULT_IMAGE_TOKEN + "</Image>")
         if mm_use_im_start_end:
-            turn["value"] = turn["value"].replace(
-                DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-            )
+            turn["value"] = turn["value"].replace(DEFAULT_IMAGE_TOKEN, image_tag(mm_use_im_start_end=True))
 
 
 # ------------------------------------------------------------------------------------ templates

@@ -27,6 +27,9 @@ extras = {
         "matplotlib",
         "bitsandbytes",
         "liger-kernel",
+        # the ZeRO-2/3 training tests (CPU accelerator, gloo). Its only torch requirement is torch>=2.0, so with
+        # torch==2.13.0 (CPU) installed first it neither pulls a CUDA torch nor replaces ours; sdist-only, no ops built
+        "deepspeed==0.19.8",
         "fastapi",
         "uvicorn",
         "httpx",

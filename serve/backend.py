@@ -51,6 +51,7 @@ from .images import ImagePolicy, PixelBudget, decode_sources, image_sources
 
 logger = logging.getLogger("fastllava.worker")
 CHARS_PER_TOKEN_CAP = 32  # prompt characters allowed per context token (no tokenizer packs more per token)
+ENGINE_FIELDS = ("max_num_seqs", "max_waiting_requests", "num_blocks", "max_model_len")  # BackendConfig -> engine
 
 
 @dataclass
@@ -166,12 +167,7 @@ class EngineBackend:
         engine = LLMEngine(
             self.model,
             self.tokenizer,
-            EngineConfig(
-                max_num_seqs=c.max_num_seqs,
-                max_waiting_requests=c.max_waiting_requests,
-                num_blocks=c.num_blocks,
-                max_model_len=c.max_model_len,
-            ),
+            EngineConfig(**{k: getattr(c, k) for k in ENGINE_FIELDS}),
             image_processor=self.image_processor,
         )
         self.context_len = engine.max_model_len

@@ -124,17 +124,9 @@ class LLMEngine:
         num_blocks = config.num_blocks or self._auto_num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.encoder_cache = EncoderCache(config.encoder_cache_rows)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_waiting_requests=config.max_waiting_requests,
-                max_waiting_tokens=config.max_waiting_tokens,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-            ),
-            self.block_manager,
-            self.encoder_cache,
-        )
+        # the scheduler's settings are the engine config's fields of the same names
+        sched = SchedulerConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SchedulerConfig)})
+        self.scheduler = Scheduler(sched, self.block_manager, self.encoder_cache)
         graphs = config.cuda_graphs and model.device.type == "cuda" and not config.static_decode_buffers
         if graphs and tp > 1:  # the followers would have to capture and replay in step with rank 0: not yet
             log.warning("CUDA graphs are not captured under tensor parallelism yet: decoding eagerly")

@@ -156,11 +156,16 @@ class TensorParallelModel:
                 self._last_send = time.monotonic()
                 return run()
             except Exception as e:
-                if not isinstance(e, dist.DistError) and self._dead_follower() is None:
+                dead = self._wait_dead_follower(1.0)  # a peer's reset socket can come before its exit status
+                if dead is None and not isinstance(e, dist.DistError) and "gloo" not in str(e):
                     raise  # an error of this call on every rank (the followers log it and go on)
-                time.sleep(0.5)  # let a dying rank's exit status arrive
-                dead = self._dead_follower()
                 raise self._fail(dead or RankFailedError(f"tensor-parallel collective failed: {e}")) from e
+
+    def _wait_dead_follower(self, timeout: float) -> RankFailedError | None:
+        deadline = time.monotonic() + timeout
+        while (dead := self._dead_follower()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return dead
 
     def _watch(self) -> None:
         while not self._closed and self.failure is None:

@@ -51,8 +51,9 @@ class EngineDeadError(RuntimeError):
 
 
 def is_device_error(error: BaseException) -> bool:
-    """Errors after which the device (and so the engine) cannot be trusted: CUDA errors, device asserts."""
-    if isinstance(error, torch.AcceleratorError | MemoryError):
+    """Errors after which the device (and so the engine) cannot be trusted: CUDA errors, device asserts, a
+    failed collective (a tensor-parallel rank died: ``fastllava.distributed.RankFailedError``)."""
+    if isinstance(error, torch.AcceleratorError | MemoryError | torch.distributed.DistError):
         return True
     text = str(error)
     return "CUDA error" in text or "device-side assert" in text or "CUBLAS_STATUS" in text

@@ -37,6 +37,7 @@ extras = {
         "prometheus-client",
         "gradio",
         "playwright",
+        "requests",  # LLaVA's own register_worker / test_message / model_worker, run by tests/test_llava_*.py
         "hypothesis",  # property-based fuzzing of the servers' request schema (tests/test_serve_hardening.py)
     ],
 }

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import datetime
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,35 +38,34 @@ class _TensorRef:
     index: int  # position in the message's tensor list
 
 
-def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """``obj`` with every tensor replaced by a ``_TensorRef`` (dataclasses, lists, tuples and dicts walked)."""
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return _TensorRef(len(tensors) - 1)
+def _walk(obj: Any, is_leaf: Callable[[Any], bool], leaf: Callable[[Any], Any]) -> Any:
+    """A copy of ``obj`` with ``leaf(x)`` for each ``x`` that ``is_leaf`` (dataclasses, lists, tuples, dicts walked)."""
+    if is_leaf(obj):
+        return leaf(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        skel = copy.copy(obj)
+        out = copy.copy(obj)
         for f in dataclasses.fields(obj):
-            setattr(skel, f.name, _flatten(getattr(obj, f.name), tensors))
-        return skel
+            setattr(out, f.name, _walk(getattr(obj, f.name), is_leaf, leaf))
+        return out
     if isinstance(obj, list | tuple):
-        return type(obj)(_flatten(v, tensors) for v in obj)
+        return type(obj)(_walk(v, is_leaf, leaf) for v in obj)
     if isinstance(obj, dict):
-        return {k: _flatten(v, tensors) for k, v in obj.items()}
+        return {k: _walk(v, is_leaf, leaf) for k, v in obj.items()}
     return obj
 
 
+def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """``obj`` with every tensor replaced by a ``_TensorRef`` into ``tensors`` (appended to)."""
+
+    def ref(t: torch.Tensor) -> _TensorRef:
+        tensors.append(t)
+        return _TensorRef(len(tensors) - 1)
+
+    return _walk(obj, lambda x: isinstance(x, torch.Tensor), ref)
+
+
 def _unflatten(skel: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(skel, _TensorRef):
-        return tensors[skel.index]
-    if dataclasses.is_dataclass(skel) and not isinstance(skel, type):
-        for f in dataclasses.fields(skel):
-            setattr(skel, f.name, _unflatten(getattr(skel, f.name), tensors))
-        return skel
-    if isinstance(skel, list | tuple):
-        return type(skel)(_unflatten(v, tensors) for v in skel)
-    if isinstance(skel, dict):
-        return {k: _unflatten(v, tensors) for k, v in skel.items()}
-    return skel
+    return _walk(skel, lambda x: isinstance(x, _TensorRef), lambda r: tensors[r.index])
 
 
 class TPGroup:

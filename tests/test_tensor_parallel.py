@@ -153,3 +153,29 @@ def test_engine_config_checks_the_models_size(tmp_path_factory, tokenizer):
     _, whole, _, _ = load_pretrained_model(path, device="cpu")
     with pytest.raises(ValueError, match="tensor_parallel_size=2 but the model is sharded over 1"):
         LLMEngine(whole, config=EngineConfig(num_blocks=8, tensor_parallel_size=2))
+
+
+def _first_logits(model, tokenizer) -> torch.Tensor:
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=32, block_size=8))
+    engine.runner.keep_logits = True
+    prompt = tokenizer("What color is the shape? red")["input_ids"]
+    engine.add_request("a", prompt, params=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    engine.step()
+    return engine.runner.last_logits[1][0].clone()
+
+
+def test_nf4_shards_quantize_their_own_blocks(tmp_path_factory, tokenizer):
+    """load_4bit with 2 ranks: every rank's linears are NF4 of its own slices (whole blocks); the logits are as
+    close to full precision as one-rank NF4's (the blocks differ, so not bit-equal), and far closer than chance."""
+    path = _checkpoint(tmp_path_factory, tokenizer, "llama", 2, False, "hf")
+    _, whole, _, _ = load_pretrained_model(path, device="cpu")
+    _, nf4, _, _ = load_pretrained_model(path, device="cpu", load_4bit=True)
+    _, tp, _, _ = load_pretrained_model(path, device="cpu", load_4bit=True, tensor_parallel_size=2)
+    try:
+        assert type(tp.language_model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+        ref = _first_logits(whole, tokenizer)
+        err_one = (_first_logits(nf4, tokenizer) - ref).abs().max()
+        err_tp = (_first_logits(tp, tokenizer) - ref).abs().max()
+    finally:
+        tp.close()
+    assert 0 < err_tp < 2 * err_one < 0.5 * ref.abs().max(), (err_tp, err_one)

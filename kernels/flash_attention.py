@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllava.kernels.dispatch import HAS_TRITON, triton_interpreting, use_triton
+from fastllava.kernels.launch import dot_precision, require_triton, unit_last_stride
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -306,14 +307,9 @@ def _common(q, k, causal, window):
         WINDOW=int(window) if window is not None else 0,
         CAUSAL=bool(causal),
         HAS_WINDOW=window is not None,
-        # fp32 inputs: exact fp32 dots (no tf32) so fp32 runs match the reference closely
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(D)),
     )
-
-
-def _contig(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal, window):
@@ -389,7 +385,7 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window):
         _check(q, k, v)
-        q, k, v = _contig(q), _contig(k), _contig(v)
+        q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
         cu_seqlens_q = cu_seqlens_q.to(torch.int32)  # no-op when already int32; a device op, not a sync
         cu_seqlens_k = cu_seqlens_k.to(torch.int32)
         out, lse = flash_attn_varlen_fwd(
@@ -404,7 +400,7 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         max_seqlen_q, max_seqlen_k, softmax_scale, causal, window = ctx.args
         dq, dk, dv = flash_attn_varlen_bwd(
-            _contig(do), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+            unit_last_stride(do), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, softmax_scale, causal, window,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None, None
@@ -426,8 +422,7 @@ def flash_attn_varlen_triton(
     window: int | None = None,
 ) -> torch.Tensor:
     """The Triton kernels, unconditionally (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
-    if not HAS_TRITON:
-        raise RuntimeError("the triton attention kernels need triton: pip install triton")
+    require_triton("the triton varlen attention kernel")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return FlashAttnVarlenFunction.apply(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale, window

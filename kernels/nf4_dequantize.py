@@ -85,7 +85,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _block_scale(absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, blk, mask, NESTED: tl.constexpr, NBS: tl.constexpr):
+    def block_scale(absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, blk, mask, NESTED: tl.constexpr, NBS: tl.constexpr):
         """fp32 scale of 4-bit block ``blk`` (any shape); with NESTED, dequantize the 8-bit absmax on the fly."""
         if NESTED:
             qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
@@ -114,7 +114,7 @@ if HAS_TRITON:
         e0 = 2 * byte  # flat index of the high-nibble element; e0 + 1 is the low nibble (same 4-bit block)
         mask = e0 < n_elements
         q = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
-        scale = _block_scale(absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, e0 // BLOCKSIZE, mask, NESTED, NBS)
+        scale = block_scale(absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, e0 // BLOCKSIZE, mask, NESTED, NBS)
         hi = tl.load(code_ptr + (q >> 4)) * scale
         lo = tl.load(code_ptr + (q & 15)) * scale
         tl.store(out_ptr + e0, hi.to(out_ptr.dtype.element_ty), mask=mask)

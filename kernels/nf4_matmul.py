@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllava.kernels.dispatch import HAS_TRITON, triton_interpreting, use_triton
+from fastllava.kernels.launch import dot_precision, sm_count
 from fastllava.kernels.nf4_dequantize import NestedAbsmax, codebook, nested_args, nf4_dequantize_ref
 
 GEMV_MAX_ROWS = 16
@@ -36,7 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fastllava.kernels.nf4_dequantize import _block_scale
+    from fastllava.kernels.nf4_dequantize import block_scale
 
     @triton.jit
     def _dequant_tile(
@@ -47,7 +48,7 @@ if HAS_TRITON:
         mask = (rows[:, None] < N) & (jh[None, :] < KH)
         byte = rows[:, None].to(tl.int64) * KH + jh[None, :]
         q = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
-        scale = _block_scale(absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, (2 * byte) // BLOCKSIZE, mask, NESTED, NBS)
+        scale = block_scale(absmax_ptr, nabs_ptr, ncode_ptr, offset_ptr, (2 * byte) // BLOCKSIZE, mask, NESTED, NBS)
         hi = tl.load(code_ptr + (q >> 4)) * scale
         lo = tl.load(code_ptr + (q & 15)) * scale
         return hi, lo
@@ -213,17 +214,6 @@ if HAS_TRITON:
         tl.store(dp + 1, acc_odd.to(dx_ptr.dtype.element_ty), mask=dmask)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision dot (tf32 would lose ~3 digits against the reference); 16-bit: tensor cores
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _launch_args(qweight, absmax, nested, quant_type):
     nabs, ncode, offset = nested_args(absmax, nested)
     q = qweight.contiguous().view(torch.uint8).reshape(-1)
@@ -250,7 +240,7 @@ def nf4_gemv_fwd(
     n_tiles = triton.cdiv(N, BLOCK_N)
     k_steps = triton.cdiv(KH, BLOCK_KH)
     if split_k is None:
-        split_k = 1 if triton_interpreting() else max(1, min(k_steps, (4 * _num_sms(x.device)) // n_tiles))
+        split_k = 1 if triton_interpreting() else max(1, min(k_steps, (4 * sm_count(x.device)) // n_tiles))
     steps_per_split = triton.cdiv(k_steps, split_k)
     split_k = triton.cdiv(k_steps, steps_per_split)
     if split_k == 1:
@@ -321,7 +311,7 @@ def nf4_gemm_fwd(
         NESTED=nested is not None,
         NBS=nested.blocksize if nested is not None else 1,
         HAS_BIAS=bias is not None,
-        PRECISION=_precision(x.dtype),
+        PRECISION=dot_precision(x.dtype),
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -362,7 +352,7 @@ def nf4_grad_x(
         BLOCKSIZE=blocksize,
         NESTED=nested is not None,
         NBS=nested.blocksize if nested is not None else 1,
-        PRECISION=_precision(grad_out.dtype),
+        PRECISION=dot_precision(grad_out.dtype),
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllava.kernels.dispatch import HAS_TRITON, triton_interpreting, use_triton
+from fastllava.kernels.launch import dot_precision, require_triton, sm_count, unit_last_stride
 
 LOG2E = 1.4426950408889634
 
@@ -146,7 +147,7 @@ def _default_splits(q: torch.Tensor, num_kv_heads: int, max_tokens: int, block_n
     if not q.is_cuda:
         return 1
     programs = q.shape[0] * num_kv_heads
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = sm_count(q.device)
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max_tokens, 8 * block_n), 32))
@@ -163,17 +164,16 @@ def paged_attention_decode_triton(
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """The Triton kernels, unconditionally (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
-    if not HAS_TRITON:
-        raise RuntimeError("the triton paged attention kernel needs triton: pip install triton")
+    require_triton("the triton paged attention kernel")
     B, Hq, D = q.shape
     _, block_size, Hk, _ = k_cache.shape
     if Hq % Hk or k_cache.shape[-1] != D or v_cache.shape != k_cache.shape:
         raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache/v_cache need a contiguous last (head) dimension")
-    q = q if q.stride(-1) == 1 else q.contiguous()
+    q = unit_last_stride(q)
     block_tables = block_tables.to(torch.int32)
-    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    block_tables = unit_last_stride(block_tables)
     context_lens = context_lens.to(torch.int32)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     group = Hq // Hk
@@ -201,7 +201,7 @@ def paged_attention_decode_triton(
         block_tables.stride(0), out.stride(0), out.stride(1),
         group, D, block_size, scale * LOG2E, int(window) if window is not None else 0, tokens_per_split,
         HAS_WINDOW=window is not None, NUM_SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION=dot_precision(q.dtype),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=4,
     )  # fmt: skip

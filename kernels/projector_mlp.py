@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllava.kernels.dispatch import HAS_TRITON, triton_interpreting, use_triton
+from fastllava.kernels.launch import as_rows, dot_precision
 
 if HAS_TRITON:
     import triton
@@ -155,11 +156,6 @@ def _blocks(n_out: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=min(block_n, FUSED_MAX_N), BLOCK_H=64, BLOCK_K=64)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not silently drop to tf32 (the reference is an fp32 matmul)
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _check(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> None:
     if not (x.dtype == w1.dtype == w2.dtype):
         raise ValueError(f"projector_mlp: x, w1, w2 must share a dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
@@ -186,14 +182,9 @@ def _hidden(x2, w1, b1, w2=None, dout=None) -> tuple[torch.Tensor, torch.Tensor 
             x2.stride(0), w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
             dout_.stride(0), h.stride(0), dpre_.stride(0),
             HAS_B1=b1 is not None, COMPUTE_GRAD=dout is not None,
-            DOT_PRECISION=_dot_precision(x2.dtype), num_warps=4, **blocks,
+            DOT_PRECISION=dot_precision(x2.dtype), num_warps=4, **blocks,
         )  # fmt: skip
     return h, dpre
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def projector_mlp_fwd(
@@ -206,7 +197,7 @@ def projector_mlp_fwd(
 ) -> torch.Tensor:
     """Launch the forward. ``fused``: True = single fused kernel, False = two stages, None = by output width."""
     _check(x, w1, w2)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     m, k = x2.shape
     n_hidden, n_out = w1.shape[0], w2.shape[0]
     blocks = _blocks(n_out, x.dtype)
@@ -224,7 +215,7 @@ def projector_mlp_fwd(
             m, k, n_hidden, n_out,
             x2.stride(0), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), out.stride(0),
             HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-            DOT_PRECISION=_dot_precision(x.dtype), num_warps=8 if blocks["BLOCK_N"] >= 128 else 4, **blocks,
+            DOT_PRECISION=dot_precision(x.dtype), num_warps=8 if blocks["BLOCK_N"] >= 128 else 4, **blocks,
         )  # fmt: skip
     return out.view(*x.shape[:-1], n_out)
 
@@ -243,8 +234,8 @@ def projector_mlp_bwd(
     ``b2_dtype`` is b2's dtype (None without b2); ``needs_grad`` flags (x, w1, b1, w2, b2) as autograd passes
     them, so a frozen vision tower (LLaVA stage 1) skips the dx GEMM.
     """
-    x2 = _rows(x)
-    dout2 = _rows(dout)
+    x2 = as_rows(x)
+    dout2 = as_rows(dout)
     h, dpre = _hidden(x2, w1, b1, w2, dout2)  # recomputed h and dpre = (dout @ w2) * gelu'(pre), [M, H]
     need_x, need_w1, need_b1, need_w2, need_b2 = needs_grad
     dx = (dpre @ w1).view(x.shape) if need_x else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastllava.kernels.dispatch import HAS_TRITON, use_triton
+from fastllava.kernels.launch import as_rows, sm_count
 
 if HAS_TRITON:
     import triton
@@ -106,12 +107,6 @@ if HAS_TRITON:
         tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """View ``t`` as ``[M, n]`` rows with a unit column stride (copies only when it has to)."""
-    t2 = t.reshape(-1, n)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _launch_shape(n_cols: int) -> tuple[int, int]:
     block_n = triton.next_power_of_2(n_cols)
     num_warps = min(max(block_n // 256, 1), 16)
@@ -127,12 +122,12 @@ def rms_norm_fwd(
     bf16 sublayer output added to an fp32 residual stream keeps the stream in fp32.
     """
     n = x.shape[-1]
-    x2 = _rows(x, n)
+    x2 = as_rows(x, n)
     m = x2.shape[0]
     dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
     y = torch.empty((m, n), dtype=dtype, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
-    r2 = _rows(residual, n) if residual is not None else None
+    r2 = as_rows(residual, n) if residual is not None else None
     h = torch.empty((m, n), dtype=dtype, device=x.device) if residual is not None else None
     if m > 0:
         block_n, num_warps = _launch_shape(n)
@@ -159,7 +154,7 @@ def rms_norm_fwd(
 
 def _num_programs(device: torch.device, n_rows: int) -> int:
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * sm_count(device)
     else:  # the interpreter runs programs one after another: few programs, long loops
         target = 4
     return max(1, min(n_rows, target))
@@ -181,10 +176,10 @@ def rms_norm_bwd(
     ``dresidual`` are written in their inputs' dtypes (default: ``h``'s).
     """
     n = h.shape[-1]
-    h2 = _rows(h, n)
+    h2 = as_rows(h, n)
     m = h2.shape[0]
-    dy2 = _rows(dy, n)
-    dh2 = _rows(dh, n) if dh is not None else None
+    dy2 = as_rows(dy, n)
+    dh2 = as_rows(dh, n) if dh is not None else None
     dx = torch.empty((m, n), dtype=x_dtype or h.dtype, device=h.device)
     dr = torch.empty((m, n), dtype=residual_dtype or h.dtype, device=h.device) if with_residual else None
     programs = _num_programs(h.device, m)

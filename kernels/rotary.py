@@ -19,6 +19,7 @@ import math
 import torch
 
 from fastllava.kernels.dispatch import HAS_TRITON, use_triton
+from fastllava.kernels.launch import unit_last_stride
 
 if HAS_TRITON:
     import triton
@@ -150,10 +151,6 @@ if HAS_TRITON:
         )  # fmt: skip
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch(kernel, q, k, q_out, k_out, cos, sin, position_ids) -> None:
     n_tokens, n_q_heads, head_dim = q.shape
     n_k_heads = k.shape[1]
@@ -187,8 +184,8 @@ def rotary_fwd(
     k_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward rotation; writes into ``q_out``/``k_out`` (new tensors when None; may alias q/k)."""
-    q, k = _unit_last_stride(q), _unit_last_stride(k)
-    cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
+    q, k = unit_last_stride(q), unit_last_stride(k)
+    cos, sin = unit_last_stride(cos), unit_last_stride(sin)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
     _launch(_rotary_fwd_kernel, q, k, q_out, k_out, cos, sin, position_ids)
@@ -199,8 +196,8 @@ def rotary_bwd(
     dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward: the transposed rotation of the output gradients."""
-    dq, dk = _unit_last_stride(dq), _unit_last_stride(dk)
-    cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
+    dq, dk = unit_last_stride(dq), unit_last_stride(dk)
+    cos, sin = unit_last_stride(cos), unit_last_stride(sin)
     dq_in = torch.empty(dq.shape, dtype=dq.dtype, device=dq.device)
     dk_in = torch.empty(dk.shape, dtype=dk.dtype, device=dk.device)
     _launch(_rotary_bwd_kernel, dq, dk, dq_in, dk_in, cos, sin, position_ids)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fastllava.kernels.dispatch import HAS_TRITON, use_triton
+from fastllava.kernels.launch import unit_last_stride
 
 if HAS_TRITON:
     import triton
@@ -100,10 +101,6 @@ if HAS_TRITON:
             tl.store(d_embeds_ptr + dest[:, None] * d_embeds_stride + cols[None, :], zeros, mask=mask)
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_args(n_feat: int, n_cols: int, offsets: torch.Tensor, counts: torch.Tensor):
     """Device-side prefix sum, search depth and block sizes; shapes only, nothing is read back."""
     n_images = offsets.shape[0]
@@ -119,7 +116,7 @@ def scatter_image_tokens_fwd(
     out: torch.Tensor, features: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
     """Launch the scatter into ``out`` [T, D] (in place); returns ``out``."""
-    features = _unit_last_stride(features)
+    features = unit_last_stride(features)
     n_feat, n_cols = features.shape
     cu, n_images, steps, block_f, block_d, grid = _launch_args(n_feat, n_cols, offsets, counts)
     if n_feat > 0 and n_cols > 0:
@@ -135,7 +132,7 @@ def scatter_image_tokens_bwd(
     d_out: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, n_feat: int, features_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward for ``n_feat`` feature rows: returns ``(d_embeds, d_features)``."""
-    d_out = _unit_last_stride(d_out)
+    d_out = unit_last_stride(d_out)
     d_embeds = d_out.clone(memory_format=torch.contiguous_format)
     n_cols = d_out.shape[1]
     d_feat = torch.empty((n_feat, n_cols), dtype=features_dtype, device=d_out.device)

@@ -43,11 +43,10 @@ from fastllava import envs
 
 from . import protocol as P
 from .http_app import (
-    LimitsMiddleware,
     api_keys_from,
     check_api_key,
     client_is_loopback,
-    install_error_handlers,
+    http_app,
     parse_body,
     request_id_var,
     run_server,
@@ -492,13 +491,8 @@ def ops_routes(ctl: Controller) -> APIRouter:
 
 
 def build_app(ctl: Controller) -> FastAPI:
-    app = FastAPI(title="fastllava controller", lifespan=_lifespan(ctl))
-    app.add_middleware(LimitsMiddleware, max_body_bytes=ctl.args.max_body_bytes,
-                       body_timeout=ctl.args.body_timeout, logger=logger)  # fmt: skip
-    install_error_handlers(app, logger)
-    for router in (worker_routes(ctl), llava_routes(ctl), openai_routes(ctl), ops_routes(ctl)):
-        app.include_router(router)
-    return app
+    routes = [worker_routes(ctl), llava_routes(ctl), openai_routes(ctl), ops_routes(ctl)]
+    return http_app("fastllava controller", _lifespan(ctl), ctl.args, logger, routes)
 
 
 def _llava_error_code(body: bytes) -> str | None:

@@ -23,7 +23,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from fastllava import envs
@@ -139,6 +139,18 @@ class LimitsMiddleware:
             {"type": "http.response.start", "status": status, "headers": [*headers, (b"x-request-id", rid.encode())]}
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def http_app(title: str, lifespan: Callable, limits: Any, logger: logging.Logger, routers: list[APIRouter]) -> FastAPI:
+    """A server's FastAPI app: ``LimitsMiddleware`` (``limits.max_body_bytes`` / ``limits.body_timeout``, the
+    parsed CLI arguments), the error handlers, and its route groups."""
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.add_middleware(LimitsMiddleware, max_body_bytes=limits.max_body_bytes, body_timeout=limits.body_timeout,
+                       logger=logger)  # fmt: skip
+    install_error_handlers(app, logger)
+    for router in routers:
+        app.include_router(router)
+    return app
 
 
 def install_error_handlers(app: FastAPI, logger: logging.Logger) -> None:

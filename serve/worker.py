@@ -37,10 +37,9 @@ from fastllava import envs
 from . import protocol as P
 from .backend import BackendConfig, Delta, EngineBackend, SamplingArgs
 from .http_app import (
-    LimitsMiddleware,
     api_keys_from,
     check_api_key,
-    install_error_handlers,
+    http_app,
     make_server,
     parse_body,
     request_id_var,
@@ -434,13 +433,8 @@ def llava_routes(server: WorkerServer) -> APIRouter:
 
 def build_app(server: WorkerServer) -> FastAPI:
     """The worker's FastAPI app: middleware, error handlers and the route groups above."""
-    app = FastAPI(title="fastllava worker", lifespan=_lifespan(server))
-    app.add_middleware(LimitsMiddleware, max_body_bytes=server.args.max_body_bytes,
-                       body_timeout=server.args.body_timeout, logger=logger)  # fmt: skip
-    install_error_handlers(app, logger)
-    for router in (ops_routes(server), openai_routes(server), llava_routes(server)):
-        app.include_router(router)
-    return app
+    routes = [ops_routes(server), openai_routes(server), llava_routes(server)]
+    return http_app("fastllava worker", _lifespan(server), server.args, logger, routes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from fastllava import optional
 from fastllava.kernels.dispatch import get_kernels, triton_interpreting
+from fastllava.kernels.paged_attention import paged_attention_decode_ref
 from fastllava.optional import HAS_FLASH_ATTN, HAS_FLEX, HAS_TRITON, HAS_XFORMERS
 
 log = logging.getLogger(__name__)
@@ -217,24 +218,10 @@ def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None, cu_
     return flash_attn_varlen_ref(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, causal, scale, window)
 
 
-def paged_attention_ref(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    softmax_scale: float | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
-    """One query token per sequence over a paged cache (the Triton kernel's own torch reference).
-
-    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hk, D]; block_tables [B, max_blocks] int32
-    (entries past a sequence's last block are ignored); context_lens [B] (keys 0..len-1, the new token's
-    own K/V included). Returns [B, Hq, D].
-    """
-    from fastllava.kernels.paged_attention import paged_attention_decode_ref
-
-    return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, window)
+# one query token per sequence over a paged cache, the Triton kernel's own torch reference: q [B, Hq, D];
+# k_cache, v_cache [num_blocks, block_size, Hk, D]; block_tables [B, max_blocks] int32 (entries past a sequence's
+# last block are ignored); context_lens [B] (keys 0..len-1, the new token's own K/V included). Returns [B, Hq, D].
+paged_attention_ref = paged_attention_decode_ref
 
 
 register_backend(

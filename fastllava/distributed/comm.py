@@ -11,6 +11,7 @@ buffer per dtype: a decode step costs one object broadcast and two tensor broadc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -102,7 +103,7 @@ class TPGroup:
         tensors: list[torch.Tensor] = []
         skel = _flatten(payload, tensors)
         metas = [(tuple(t.shape), t.dtype) for t in tensors]
-        dist.broadcast_object_list([(cmd, skel, metas)], src=0)
+        dist.broadcast_object_list([(cmd, skel, metas)], src=0, device=self.comm_device)  # any thread
         for dtype in _dtypes(metas):
             flat = torch.cat([t.reshape(-1) for t in tensors if t.dtype == dtype])
             dist.broadcast(flat.to(self.comm_device), src=0)
@@ -110,7 +111,7 @@ class TPGroup:
     def recv(self) -> tuple[str, Any]:
         """Follower: wait for rank 0's next command; its tensors arrive on this rank's device."""
         header: list[Any] = [None]
-        dist.broadcast_object_list(header, src=0)
+        dist.broadcast_object_list(header, src=0, device=self.comm_device)
         cmd, skel, metas = header[0]
         tensors: list[torch.Tensor | None] = [None] * len(metas)
         for dtype in _dtypes(metas):
@@ -125,7 +126,9 @@ class TPGroup:
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, on every rank."""
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        # NCCL gathers objects on the calling thread's current CUDA device: make it this rank's
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            dist.all_gather_object(out, obj)
         return out
 
 

@@ -225,12 +225,3 @@ def shard_model_(model: nn.Module, layout: ShardLayout, keep_vision: bool = True
         if getattr(model, "image_newline", None) is not None:
             model.image_newline = None
     return model
-
-
-def shard_state_dict(state: dict[str, torch.Tensor], layout: ShardLayout) -> dict[str, torch.Tensor]:
-    """A rank's part of a whole (in-memory) state dict, for tests and for weights read whole (pickles)."""
-    out = {}
-    for name, t in state.items():
-        s = layout.slice(name)
-        out[name] = t if s is None else s.take(t)
-    return out

@@ -100,3 +100,40 @@ def test_linear_cross_entropy_matches_eager(n, d, v, chunk, dtype, tol):
         outs[impl] = (loss.detach(), h.grad, w.grad, b.grad)
     for got, ref in zip(outs["chunked"], outs["eager"], strict=True):
         torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_padded_api_and_packed_loss_are_the_training_loss():
+    """``forward(labels=)`` (mean over targets) and ``packed_loss`` (sum, count) go through the model's one loss:
+    equal to full ``[T, V]`` logits + ``F.cross_entropy`` of the same sample, with gradients and under no_grad."""
+    cfg = tiny_config("llama")
+    model = build_tiny_llava(cfg, seed=2).float()
+    model.set_attn_implementation("sdpa")
+    gen = torch.Generator().manual_seed(3)
+    S = cfg.vision.image_size
+    ids, labels, images = _sample(gen, cfg, 10, [(S, S)])
+    ref_sum, n = _oracle_loss(model, ids, labels, images)
+    assert n > 0
+    out = model(torch.tensor([ids]), images=images[0].pixel_values, image_sizes=[(S, S)], labels=torch.tensor([labels]))
+    torch.testing.assert_close(out.loss, ref_sum / n, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert model.language_model.lm_head.weight.grad is not None
+    with torch.no_grad():
+        got_sum, got_n = model.packed_loss(pack([ids], [images], cfg, labels=[labels]))
+    assert got_n == n and not got_sum.requires_grad
+    torch.testing.assert_close(got_sum, ref_sum.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_idle_micro_batch_adds_zero_gradient():
+    """A rank with nothing left in a micro-batch runs ``idle_batch`` (so DDP / FSDP2 / ZeRO collectives pair up):
+    its loss is 0 and every language-model gradient it produces is exactly zero."""
+    from fastllava.train.train import idle_batch
+
+    cfg = tiny_config("llama")
+    model = build_tiny_llava(cfg, seed=2).float()
+    b = idle_batch(cfg, pad_id=0)
+    assert b.n_targets == 0 and b.packed.input_ids.numel() == 1
+    loss = TrainModule(model)(b.packed, b.target_rows, b.targets)
+    loss.backward()
+    assert loss.item() == 0.0
+    grads = [p.grad for p in model.language_model.parameters()]
+    assert all(g is not None and not g.any() for g in grads)

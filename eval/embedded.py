@@ -33,7 +33,7 @@ from fastllava.conversation import conv_templates
 
 from .answers import AnswerWriter, read_jsonl
 from .questions import Question
-from .runner import EngineBackend, GenParams, Prompter, ServerBackend, _image_url, answer_all
+from .runner import EngineBackend, GenParams, Prompter, ServerBackend, answer_all, image_url_of
 from .summary import to_markdown
 
 
@@ -110,7 +110,10 @@ class PlacedServerBackend(ServerBackend):
         self.resolve_model()
 
         def ask(i: int, q: Question) -> tuple[int, str, dict]:
-            parts = [{"type": "text", "text": q.text}, {"type": "image_url", "image_url": {"url": _image_url(q.image)}}]
+            parts = [
+                {"type": "text", "text": q.text},
+                {"type": "image_url", "image_url": {"url": image_url_of(q.image)}},
+            ]
             content = parts if q.extra.get("order") == "text first" else parts[::-1]
             resp = client.chat.completions.create(
                 model=self.model,

@@ -25,7 +25,7 @@ from pathlib import Path
 from fastllava.optional import HAS_TIKTOKEN
 
 from .answers import read_jsonl
-from .gpt_review import Judge, _judge, _judge_args, parse_score
+from .gpt_review import Judge, add_judge_args, judge_from_args, parse_score
 
 ROLE = "Assistant"
 # LLaVA-Med's texts, as they are (the system prompt's leading quote included: its published scores used it)
@@ -116,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--question-file", default="data/questions/llava_med_eval_qa50_qa.jsonl", metavar="FILE")
     p.add_argument("--scores-file", required=True, metavar="FILE", help="path to save the judge's score file")
     p.add_argument("--max-context-tokens", type=int, default=8192, help="the judge's context (gpt-4-0314: 8192)")
-    _judge_args(p)
+    add_judge_args(p)
     a = p.parse_args(argv)
     samples = samples_from(a.question_file, a.answers_file)
-    n = score(samples, a.scores_file, _judge(a), a.max_context_tokens - a.max_tokens, token_counter(a.judge_model))
+    n = score(
+        samples, a.scores_file, judge_from_args(a), a.max_context_tokens - a.max_tokens, token_counter(a.judge_model)
+    )
     rows = read_jsonl(a.scores_file)
     pairs = [parse_score(r["gpt_eval"]) for r in rows]
     ref, ours = (sum(x[i] for x in pairs) / len(pairs) for i in (0, 1)) if pairs else (0.0, 0.0)

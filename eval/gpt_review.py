@@ -270,7 +270,7 @@ def grade_mmvet(mmvet_json, results_json, output, judge: Judge, tries: int = 5) 
     }
 
 
-def _judge_args(p: argparse.ArgumentParser) -> None:
+def add_judge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     p.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY")
     p.add_argument("--judge-model", default="gpt-4-0314")
@@ -280,7 +280,7 @@ def _judge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0)
 
 
-def _judge(a) -> Judge:
+def judge_from_args(a) -> Judge:
     client = openai_client(a.base_url, a.api_key, a.timeout, max_retries=0)
     return Judge(client, a.judge_model, a.temperature, a.max_tokens, a.retries)
 
@@ -295,14 +295,14 @@ def review_main(kind: str, argv: list[str] | None = None, judge_model: str = "gp
     p.add_argument("-a", "--answer-list", nargs="+", required=True, help="reference answers, then the model's")
     p.add_argument("-r", "--rule", required=True, help="LLaVA's rule.json")
     p.add_argument("-o", "--output", required=True)
-    _judge_args(p)
+    add_judge_args(p)
     p.set_defaults(judge_model=judge_model)
     a = p.parse_args(argv)
     if len(a.answer_list) < 2:
         p.error("--answer-list needs two files: the reference answers and the model's")
     rules = json.loads(Path(a.rule).expanduser().read_text())
     context = getattr(a, "context", None)
-    n = review_llava_bench(a.question, context, a.answer_list[:2], a.output, _judge(a), rules, kind=kind)
+    n = review_llava_bench(a.question, context, a.answer_list[:2], a.output, judge_from_args(a), rules, kind=kind)
     print(f"{n} new reviews in {a.output}")
     return n
 
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     lb.add_argument("-a", "--answer-list", nargs=2, required=True)
     lb.add_argument("-r", "--rule", default=None, help="LLaVA's rule.json (default: the LLaVA-Bench rules)")
     lb.add_argument("-o", "--output", required=True)
-    _judge_args(lb)
+    add_judge_args(lb)
     sm = sub.add_parser("summarize")
     sm.add_argument("files", nargs="+")
     sm.add_argument("-i", "--ignore", nargs="*", type=int, default=None)
@@ -329,11 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     mv.add_argument("--results", required=True)
     mv.add_argument("--output", required=True)
     mv.add_argument("--metrics", default=None, help="also write the scores as JSON here")
-    _judge_args(mv)
+    add_judge_args(mv)
     a = p.parse_args(argv)
     if a.cmd == "llava-bench":
         rules = json.loads(Path(a.rule).read_text()) if a.rule else None
-        n = review_llava_bench(a.question, a.context, a.answer_list, a.output, _judge(a), rules)
+        n = review_llava_bench(a.question, a.context, a.answer_list, a.output, judge_from_args(a), rules)
         print(f"{n} new reviews in {a.output}")
     elif a.cmd == "summarize":
         for f in a.files:
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "mmvet-convert":
         print(f"{len(convert_mmvet(a.src, a.dst))} answers written to {a.dst}")
     else:
-        r = grade_mmvet(a.mmvet_json, a.results, a.output, _judge(a))
+        r = grade_mmvet(a.mmvet_json, a.results, a.output, judge_from_args(a))
         print(json.dumps(r, indent=1))
         if a.metrics:
             Path(a.metrics).write_text(json.dumps(r, indent=1))

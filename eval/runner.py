@@ -245,7 +245,7 @@ class StaticBackend(_LocalBackend):
             yield p.index, _finish_text(tok.decode(row, skip_special_tokens=True), stops), {}
 
 
-def _image_url(image: str) -> str:
+def image_url_of(image: str) -> str:
     """A data URL for a local image path or raw base64 image data (MMBench)."""
     if os.path.isfile(image):
         mime = mimetypes.guess_type(image)[0] or "image/png"
@@ -283,7 +283,7 @@ class ServerBackend:
         def ask(i: int, q: Question) -> tuple[int, str, dict]:
             content: list[dict] = [{"type": "text", "text": q.text}]
             if q.image is not None:
-                content.insert(0, {"type": "image_url", "image_url": {"url": _image_url(q.image)}})
+                content.insert(0, {"type": "image_url", "image_url": {"url": image_url_of(q.image)}})
             resp = client.chat.completions.create(
                 model=self.model,
                 messages=[{"role": "user", "content": content}],

@@ -121,8 +121,9 @@ def _requests(cfg, seed=0):
     return prompts, imgs
 
 
-def _generate(model, tokenizer, prompts, imgs):
-    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=128, block_size=8, max_num_batched_tokens=96))
+def _generate(model, tokenizer, prompts, imgs, **config):
+    config = EngineConfig(num_blocks=128, block_size=8, max_num_batched_tokens=96, **config)
+    engine = LLMEngine(model, tokenizer, config)
     outs = engine.generate(prompts, imgs, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
     return [o.token_ids for o in outs], engine
 
@@ -143,6 +144,26 @@ def test_two_ranks_generate_the_same_tokens(tmp_path_factory, tokenizer, family,
         rank0, rank1 = tp.parameter_bytes()
         assert abs(rank1 - lm / 2) < 0.1 * lm / 2, (rank1, lm)
         assert abs(rank0 - (parameter_bytes(whole) - lm / 2)) < 0.1 * lm / 2, (rank0, lm)
+    finally:
+        tp.close()
+    assert all(p.returncode == 0 for p in tp.followers)
+
+
+def test_two_ranks_decode_from_static_buffers(tmp_path_factory, tokenizer):
+    """The bucketed decode under tensor parallelism (each rank runs its own DecodeGraphs from the inputs rank 0
+    sends; ``static_decode_buffers``: the graphs' path without capture) gives tp 1 eager's greedy tokens, with
+    batches padded to their bucket (6 and 5 decodes run as 8)."""
+    path = _checkpoint(tmp_path_factory, tokenizer, "llama", 2, False, "hf")
+    _, whole, _, _ = load_pretrained_model(path, device="cpu")
+    prompts, imgs = _requests(whole.config)
+    expected, _ = _generate(whole, tokenizer, prompts, imgs)
+    _, tp, _, _ = load_pretrained_model(path, device="cpu", tensor_parallel_size=2)
+    try:
+        got, engine = _generate(tp, tokenizer, prompts, imgs, static_decode_buffers=True, cuda_graph_max_batch_size=8)
+        graphs = engine.runner.decode_graphs
+        assert graphs.buckets == [1, 2, 4, 8] and graphs.model is tp.local  # rank 0's over its shard
+        assert graphs.num_padded_rows > 0
+        assert got == expected
     finally:
         tp.close()
     assert all(p.returncode == 0 for p in tp.followers)

@@ -21,6 +21,7 @@ import torch
 from fastllava.distributed.comm import TPGroup
 from fastllava.distributed.launch import parameter_bytes, rank_device
 from fastllava.distributed.loading import RankShard
+from fastllava.engine.decode_graphs import DecodeGraphs
 from fastllava.model.language import KVCache
 
 log = logging.getLogger("fastllava.tp")
@@ -42,6 +43,7 @@ class Follower:
     def __init__(self, model, group: TPGroup) -> None:
         self.model, self.group = model, group
         self.caches: dict[tuple, KVCache] = {}
+        self.graphs: dict[tuple, DecodeGraphs] = {}  # per cache: this rank's decode graphs (rank 0's buckets)
 
     def cache(self, key: tuple | None) -> KVCache | None:
         if key is None:
@@ -50,7 +52,9 @@ class Follower:
             _, num_blocks, block_size, dtype = key
             lm = self.model.language_model
             while len(self.caches) >= MAX_CACHES:
-                self.caches.pop(next(iter(self.caches)))
+                oldest = next(iter(self.caches))
+                self.caches.pop(oldest)
+                self.graphs.pop(oldest, None)
             self.caches[key] = KVCache(lm.cfg, num_blocks, block_size, self.group.device, dtype, lm.num_kv_heads)
         return self.caches[key]
 
@@ -59,6 +63,15 @@ class Follower:
         if cmd == "forward":
             batch, meta, cache_key, image_features, max_position = payload
             self.model.forward_packed(batch, meta, self.cache(cache_key), image_features, max_position)
+        elif cmd == "decode_graphs":  # built (and captured) in step with rank 0's
+            cache_key, kwargs = payload
+            self.graphs.pop(cache_key, None)
+            self.graphs[cache_key] = DecodeGraphs(self.model, self.cache(cache_key), **kwargs)
+        elif cmd == "decode_step":
+            cache_key, rows, block_tables = payload
+            if cache_key not in self.graphs:
+                raise ValueError("a decode step for decode graphs this rank has not built")
+            self.graphs[cache_key].run_rows(rows, block_tables)
         elif cmd == "logits":
             self.model.logits(payload)
         elif cmd == "attn":

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import fastllava
 from fastllava.distributed.comm import DEFAULT_TIMEOUT_S, RankFailedError, TPGroup
 from fastllava.distributed.loading import RankShard
+from fastllava.engine.decode_graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +110,26 @@ class TensorParallelModel:
         if image_features is None and batch.image_offsets is not None:
             image_features = self.local.encode_images(batch.pixel_values, batch.feature_index).flatten(0, -2)
         sent = dataclasses.replace(batch, pixel_values=None, feature_index=None, labels=None)
-        # the followers keep a cache of their own K/V heads per rank-0 cache, of the same block geometry
-        cache_key = None if cache is None else (id(cache), cache.num_blocks, cache.block_size, cache.k[0].dtype)
         return self._call(
             "forward",
-            (sent, meta, cache_key, image_features, max_position),
+            (sent, meta, _cache_key(cache), image_features, max_position),
             lambda: self.local.forward_packed(sent, meta, cache, image_features, max_position),
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` of the given rows (sent to the followers: each computes its vocabulary slice)."""
         return self._call("logits", hidden, lambda: self.local.logits(hidden))
+
+    def decode_graphs(self, kv, block_tables=None, **kwargs) -> DecodeGraphs:
+        """Rank 0's ``DecodeGraphs`` over its shard (``kwargs``: the constructor's); each follower builds its own
+        of the same buckets over its shard and K/V cache at the same time (capturing the step's collectives in
+        the same order), and runs each step with the inputs rank 0 sends (``DecodeGraphs.send_step``)."""
+        key = _cache_key(kv)
+        graphs = self._call(
+            "decode_graphs", (key, kwargs), lambda: DecodeGraphs(self.local, kv, block_tables=block_tables, **kwargs)
+        )
+        graphs.send_step = lambda rows, tables, launch: self._call("decode_step", (key, rows, tables), launch)
+        return graphs
 
     def parameter_bytes(self) -> list[int]:
         """Bytes of parameters held by each rank (rank 0 first; it alone holds the vision tower)."""
@@ -208,6 +218,11 @@ class TensorParallelModel:
                 p.kill()
                 p.wait()
         self.group.close()
+
+
+def _cache_key(cache) -> tuple | None:
+    """What names a rank-0 K/V cache to the followers (each keeps one of its own K/V heads, same geometry)."""
+    return None if cache is None else (id(cache), cache.num_blocks, cache.block_size, cache.k[0].dtype)
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:

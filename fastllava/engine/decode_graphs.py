@@ -20,6 +20,12 @@ The graphs are captured at construction (largest bucket first; all share one mem
 it is then: the attention backend, ``set_kernels`` and module swaps chosen later do not reach them.
 ``capture=False`` runs the same bucketed forward eagerly on any device; the CPU tests check the padding and
 bucketing through it.
+
+Tensor parallelism: every rank holds a ``DecodeGraphs`` of the same buckets over its own shard and K/V cache
+(``TensorParallelModel.decode_graphs``). They are built (and captured, largest bucket first) at the same time
+on every rank, so the all-reduces and all-gathers inside the step are captured in the same order everywhere;
+each step rank 0 sends its bucket's static inputs (``send_step``) and every rank copies them into its buffers
+and replays (``run_rows`` on the followers).
 """
 
 from __future__ import annotations
@@ -134,6 +140,9 @@ class DecodeGraphs:
         self.num_replays = self.num_padded_rows = 0
         # set by the runner: maps the input ids on the device before a replay (the overlapped engine's placeholders)
         self.fill_ids: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # set by a tensor-parallel model: ``send_step(rows, block_tables, launch)`` sends the bucket's inputs to
+        # the follower ranks (which replay their own graphs with them, ``run_rows``), then calls ``launch``
+        self.send_step: Callable[[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]], torch.Tensor] | None = None
         if capture:
             self._capture()
 
@@ -177,11 +186,27 @@ class DecodeGraphs:
         if self.fill_ids is not None:
             self.rows[IDS, :B] = self.fill_ids(self.rows[IDS, :B])
         self.num_padded_rows += n - B
+        if self.send_step is not None:
+            return self.send_step(self.rows[:, :n], self.block_tables[:n], lambda: self.launch(n))[:B]
+        return self.launch(n)[:B]
+
+    def launch(self, n: int) -> torch.Tensor:
+        """The step of bucket ``n`` over the static buffers as they are: logits ``(n, V)`` (the graph's output)."""
         if n in self.graphs:
             self.graphs[n].replay()
             self.num_replays += 1
-            return self.logits[n][:B]
-        return self._forward(n)[:B]
+            return self.logits[n]
+        return self._forward(n)
+
+    def run_rows(self, rows: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """A tensor-parallel follower's step: another rank's bucket inputs (``rows (4, n)``, ``block_tables
+        (n, max_blocks)``, padding rows included) into the static buffers, then ``launch(n)``."""
+        n = rows.shape[1]
+        if n not in self.buckets or tuple(block_tables.shape) != (n, self.max_blocks):
+            raise ValueError(f"decode inputs {tuple(rows.shape)}, {tuple(block_tables.shape)} fit no bucket")
+        self.rows[:, :n].copy_(rows, non_blocking=True)
+        self.block_tables[:n].copy_(block_tables, non_blocking=True)
+        return self.launch(n)
 
     # --------------------------------------------------------------------------------- capture
     @torch.inference_mode()

@@ -22,7 +22,9 @@ Each decode step pads its batch to the next bucket, copies its inputs into the g
 replays; padding rows use a scratch KV block of their own and their logits are dropped. Sampling stays outside
 the graph. Bigger batches, CPU models and ``cuda_graphs=False`` decode eagerly. Capture fixes the attention
 backend and kernels in force at construction (see ``decode_graphs.py``). ``static_decode_buffers=True`` runs
-the same static-buffer, bucket-padded decode without capture on any device (tests and debugging).
+the same static-buffer, bucket-padded decode without capture on any device (tests and debugging). Under
+tensor parallelism every rank captures its own graphs over its shard, in step with rank 0 (the all-reduces
+inside the step are captured on every rank), and replays each step with the inputs rank 0 sends.
 """
 
 from __future__ import annotations
@@ -128,9 +130,6 @@ class LLMEngine:
         sched = SchedulerConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SchedulerConfig)})
         self.scheduler = Scheduler(sched, self.block_manager, self.encoder_cache)
         graphs = config.cuda_graphs and model.device.type == "cuda" and not config.static_decode_buffers
-        if graphs and tp > 1:  # the followers would have to capture and replay in step with rank 0: not yet
-            log.warning("CUDA graphs are not captured under tensor parallelism yet: decoding eagerly")
-            graphs = False
         bucketed = graphs or config.static_decode_buffers
         self.runner = ModelRunner(
             model,

@@ -103,15 +103,15 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if bucketed:
             try:
-                self.decode_graphs = DecodeGraphs(
-                    model,
-                    self.kv,
+                kwargs = dict(
                     scratch_block=num_blocks,
                     max_batch=decode_max_batch,
                     max_model_len=max_model_len or self.cfg.text.max_position_embeddings,
                     capture=capture_graphs,
-                    block_tables=self.block_tables,
                 )
+                # a tensor-parallel model builds them on every rank, over each rank's shard
+                build = getattr(model, "decode_graphs", None) or (lambda kv, **kw: DecodeGraphs(model, kv, **kw))
+                self.decode_graphs = build(self.kv, block_tables=self.block_tables, **kwargs)
                 self.decode_graphs.fill_ids = self._fill_placeholders
             except RuntimeError as exc:
                 if not capture_graphs:

@@ -112,13 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         log.exception("loading rank %d's shard failed", rank)
         error = f"{type(e).__name__}: {e}"
-    if any(s is not None for s in group.gather_objects(error)):
-        group.close()
-        return 1
-    Follower(model, group).serve()
-    group.close()
-    return 0
+    failed = any(s is not None for s in group.gather_objects(error))
+    if not failed:
+        Follower(model, group).serve()
+    return 1 if failed else 0
+
+
+def _exit_now(status: int) -> None:
+    """Leave without tearing the process group down: rank 0 may still hold its end of gloo's connections, and
+    destroying ours under it can abort the process from a C++ destructor ("terminate called without an active
+    exception"), turning a clean stop into a failure exit. Nothing is left to flush but the logs."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _exit_now(main())

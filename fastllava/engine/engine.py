@@ -45,7 +45,7 @@ from fastllava.engine.detokenizer import IncrementalDetokenizer
 from fastllava.engine.encoder_cache import EncoderCache
 from fastllava.engine.metrics import EngineMetrics
 from fastllava.engine.request import EngineImage, Request, RequestOutput, RequestStatus, SamplingParams
-from fastllava.engine.runner import ModelRunner, StepHandle
+from fastllava.engine.runner import ModelRunner, StepHandle, kv_heads
 from fastllava.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
 from fastllava.packing import ImageInput, expand_image_tokens, image_token_count
 
@@ -157,8 +157,7 @@ class LLMEngine:
     def _auto_num_blocks(self) -> int:
         t = self.cfg.text
         dtype = self.config.kv_dtype or self.model.dtype
-        kv_heads = self.model.language_model.num_kv_heads  # a tensor-parallel rank's share
-        per_block = 2 * t.num_hidden_layers * self.config.block_size * kv_heads * t.head_dim
+        per_block = 2 * t.num_hidden_layers * self.config.block_size * kv_heads(self.model) * t.head_dim
         per_block *= torch.empty((), dtype=dtype).element_size()
         if self.model.device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(self.model.device)[0] * self.config.gpu_memory_utilization)

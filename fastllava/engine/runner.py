@@ -32,6 +32,13 @@ from fastllava.packing import PackedBatch, batch_feature_index, image_feature_in
 log = logging.getLogger(__name__)
 
 
+def kv_heads(model) -> int:
+    """The K/V heads this process caches: a tensor-parallel rank's share (``language_model.num_kv_heads``), or
+    the config's count for a model without a language-model module of ours (e.g. the benchmarks' null model)."""
+    lm = getattr(model, "language_model", None)
+    return lm.num_kv_heads if lm is not None else model.config.text.num_key_value_heads
+
+
 class BlockTables:
     """Decode block tables ``(B, width)`` int32 on the host, without an O(context) Python loop per row per step.
 
@@ -88,7 +95,7 @@ class ModelRunner:
         kv_blocks = num_blocks + 1 if bucketed else num_blocks
         self.kv = KVCache(
             self.cfg.text, kv_blocks, block_size, self.device, kv_dtype or model.dtype,
-            num_kv_heads=model.language_model.num_kv_heads,  # a tensor-parallel rank's share
+            num_kv_heads=kv_heads(model),
         )  # fmt: skip
         self.encoder_cache = encoder_cache
         self.images_encoded = 0
